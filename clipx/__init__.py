@@ -1,0 +1,59 @@
+"""clipx: gradient clipping for JAX, as composable Optax transformations.
+
+Clipping is scope x threshold x response: the transform is the scope
+(global, per layer, per unit, per element), its argument the threshold (a
+float, an Optax schedule, or an adaptive policy), and wrappers choose the
+response (scale down, or skip the step).
+"""
+
+from clipx.guards import (
+  SkipNonfiniteState,
+  SkipSpikesState,
+  all_finite,
+  skip_nonfinite,
+  skip_spikes,
+)
+from clipx.norms import global_norm
+from clipx.stats import ClipStats, SkipStats, StatsReport, stats
+from clipx.thresholds import ThresholdPolicy, as_policy
+from clipx.transforms import (
+  AdaptiveGradClipState,
+  GlobalNormClipState,
+  LayerNormClipState,
+  ValueClipState,
+  adaptive_grad_clip,
+  clip_by_global_norm,
+  clip_by_layer_norm,
+  clip_by_value,
+  clip_tree,
+  layer_groups,
+  unit_axes,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "AdaptiveGradClipState",
+  "ClipStats",
+  "GlobalNormClipState",
+  "LayerNormClipState",
+  "SkipNonfiniteState",
+  "SkipSpikesState",
+  "SkipStats",
+  "StatsReport",
+  "ThresholdPolicy",
+  "ValueClipState",
+  "adaptive_grad_clip",
+  "all_finite",
+  "as_policy",
+  "clip_by_global_norm",
+  "clip_by_layer_norm",
+  "clip_by_value",
+  "clip_tree",
+  "global_norm",
+  "layer_groups",
+  "skip_nonfinite",
+  "skip_spikes",
+  "stats",
+  "unit_axes",
+]

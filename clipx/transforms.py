@@ -1,0 +1,507 @@
+"""The clipping scopes as Optax ``GradientTransformation``s.
+
+Scope is the transform, threshold is its argument (a float, an Optax schedule
+or a policy from :mod:`clipx.thresholds`), and each transform records what it
+did as :class:`clipx.ClipStats` in its state.
+
+Numerics shared by every scope (see ``DESIGN.md``):
+- norms come from :mod:`clipx.norms`: float32 accumulation, no overflow on
+  finite input;
+- ``scale = threshold / norm`` only where ``norm > threshold``; elsewhere the
+  leaf is returned bit for bit (a ``select``, not a multiply by 1.0, which
+  could flush subnormals or differ under meta-gradients);
+- the scaled leaf is computed in float32 and cast back to its own dtype;
+- a non-finite norm (NaN/Inf in the input) is never clipped: the bad values
+  reach the optimizer unchanged, as they would without clipping, rather than
+  being turned into zeros. Use :func:`clipx.skip_nonfinite` to skip such steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from clipx import norms
+from clipx.stats import ClipStats, init_clip_stats
+from clipx.thresholds import ThresholdPolicy, as_policy, check_positive
+
+Threshold = float | jax.Array | optax.Schedule | ThresholdPolicy
+
+
+class GlobalNormClipState(NamedTuple):
+  """State of :func:`clip_by_global_norm`."""
+
+  stats: ClipStats
+  threshold_state: Any
+  clipx_kind = "global"
+
+
+class LayerNormClipState(NamedTuple):
+  """State of :func:`clip_by_layer_norm`; stats have one entry per group."""
+
+  stats: ClipStats
+  threshold_state: Any
+  clipx_kind = "layer"
+
+
+class AdaptiveGradClipState(NamedTuple):
+  """State of :func:`adaptive_grad_clip`."""
+
+  stats: ClipStats
+  threshold_state: Any
+  clipx_kind = "agc"
+
+
+class ValueClipState(NamedTuple):
+  """State of :func:`clip_by_value`."""
+
+  stats: ClipStats
+  threshold_state: Any
+  clipx_kind = "value"
+
+
+def clip_decision(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(clipped, scale)``: clip where a finite norm exceeds the threshold."""
+  clipped = (norm > threshold) & jnp.isfinite(norm)
+  safe_norm = jnp.where(clipped, norm, 1)
+  scale = jnp.where(clipped, threshold / safe_norm, 1).astype(norm.dtype)
+  return clipped, scale
+
+
+def scale_leaf(leaf: jax.Array, clipped: jax.Array, scale: jax.Array) -> jax.Array:
+  """``leaf * scale`` in float32 (or wider), cast back; ``leaf`` where not clipped."""
+  wide = jnp.promote_types(leaf.dtype, scale.dtype)
+  scaled = (leaf.astype(wide) * scale.astype(wide)).astype(leaf.dtype)
+  return jnp.where(clipped, scaled, leaf)
+
+
+def _stats(norm, clipped_norm, threshold, scale, clipped, previous: ClipStats) -> ClipStats:
+  return ClipStats(
+    norm=norm,
+    clipped_norm=clipped_norm,
+    threshold=threshold,
+    scale=scale,
+    clipped=clipped,
+    clip_count=previous.clip_count + clipped.astype(jnp.int32),
+  )
+
+
+def _norm_dtype(tree) -> jnp.dtype:
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.dtype(jnp.float32)
+  return jnp.result_type(*[norms.accumulation_dtype(jnp.result_type(x)) for x in leaves])
+
+
+def clip_tree(
+  tree: chex.ArrayTree, max_norm: chex.Numeric, *, axis_name: Any = None
+) -> tuple[chex.ArrayTree, ClipStats]:
+  """Clips a pytree to global L2 norm ``max_norm``: the functional form.
+
+  For research code that holds gradients outside an optimizer. Same numerics
+  as :func:`clip_by_global_norm`.
+
+  Args:
+    tree: a pytree of floating point arrays.
+    max_norm: a positive float or scalar array (may be traced).
+    axis_name: inside ``shard_map``/``pmap``, the axis the tree is sharded over.
+
+  Returns:
+    ``(clipped_tree, stats)``; ``stats.clip_count`` is 1 if clipped, else 0.
+
+  Example:
+    >>> import jax.numpy as jnp, clipx
+    >>> clipped, stats = clipx.clip_tree({"w": jnp.array([3.0, 4.0])}, 1.0)
+    >>> clipped["w"], float(stats.norm)
+    (Array([0.6, 0.8], dtype=float32), 5.0)
+  """
+  if isinstance(max_norm, ThresholdPolicy) or callable(max_norm):
+    raise TypeError(
+      "clipx.clip_tree takes a number; for schedules and adaptive policies,"
+      " which keep state, use clipx.clip_by_global_norm(...) as a transform."
+    )
+  check_positive("max_norm", max_norm)
+  norms.check_float_leaves(tree)
+  norm = norms.global_norm(tree, axis_name=axis_name)
+  threshold = jnp.asarray(max_norm, norm.dtype)
+  clipped, scale = clip_decision(norm, threshold)
+  out = jax.tree.map(lambda x: scale_leaf(x, clipped, scale), tree)
+  zero = init_clip_stats((), norm.dtype)
+  return out, _stats(norm, norm * scale, threshold, scale, clipped, zero)
+
+
+def clip_by_global_norm(
+  max_norm: Threshold, *, axis_name: Any = None
+) -> optax.GradientTransformation:
+  """Clips updates to a maximum global L2 norm: drop-in for Optax's.
+
+  ``updates * min(1, max_norm / global_norm(updates))``, with the norm
+  accumulated in float32 and safe from overflow, so float16 and huge float32
+  gradients are scaled correctly instead of zeroed.
+
+  Args:
+    max_norm: the threshold: a positive float, an Optax schedule of the step
+      count, or a policy such as ``clipx.autoclip()``.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over
+      which the updates are sharded; the norm is then global over it.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state holds :class:`ClipStats`.
+
+  References:
+    Pascanu et al., `On the difficulty of training recurrent neural networks
+    <https://arxiv.org/abs/1211.5063>`_, 2013.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, clipx
+    >>> tx = optax.chain(clipx.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
+    >>> updates["w"]
+    Array([-0.06, -0.08], dtype=float32)
+  """
+  policy = as_policy(max_norm, "max_norm")
+
+  def init_fn(params):
+    dtype = _norm_dtype(params)
+    return GlobalNormClipState(init_clip_stats((), dtype), policy.init(jnp.zeros((), dtype)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    norms.check_float_leaves(updates)
+    norm = norms.global_norm(updates, axis_name=axis_name)
+    threshold, threshold_state = policy.update(norm, state.threshold_state)
+    threshold = threshold.astype(norm.dtype)
+    clipped, scale = clip_decision(norm, threshold)
+    updates = jax.tree.map(lambda x: scale_leaf(x, clipped, scale), updates)
+    stats = _stats(norm, norm * scale, threshold, scale, clipped, state.stats)
+    return updates, GlobalNormClipState(stats, threshold_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+GroupFn = Callable[[tuple], Hashable]
+
+
+def _group_key_fn(group: str | GroupFn) -> GroupFn:
+  if group == "leaf":
+    return lambda path: path
+  if group == "module":
+    return lambda path: path[:-1]
+  if callable(group):
+    return group
+  raise ValueError(
+    f'clipx: group must be "leaf", "module" or a function of the key path, got {group!r}.'
+  )
+
+
+def layer_groups(
+  tree: chex.ArrayTree, group: str | GroupFn = "leaf"
+) -> tuple[np.ndarray, list[str]]:
+  """The group id of every leaf of ``tree`` and a readable name per group.
+
+  Groups are numbered in order of first appearance in ``tree``'s leaf order.
+  """
+  key_fn = _group_key_fn(group)
+  ids: dict[Hashable, int] = {}
+  names: list[str] = []
+  leaf_ids = []
+  for path, _ in jax.tree_util.tree_leaves_with_path(tree):
+    key = key_fn(path)
+    if key not in ids:
+      ids[key] = len(ids)
+      names.append(jax.tree_util.keystr(key) if isinstance(key, tuple) else str(key))
+    leaf_ids.append(ids[key])
+  return np.asarray(leaf_ids, np.int32), names
+
+
+def clip_by_layer_norm(
+  max_norm: Threshold, *, group: str | GroupFn = "leaf", axis_name: Any = None
+) -> optax.GradientTransformation:
+  """Clips each layer's updates to its own L2 norm bound.
+
+  Args:
+    max_norm: the threshold for every group: a positive float, an Optax
+      schedule, or a policy (which then keeps separate statistics per group).
+    group: ``"leaf"`` (every array is a layer), ``"module"`` (arrays under one
+      parent path, e.g. a kernel and its bias, share a norm), or a function
+      from a leaf's key path to a hashable group key.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis; all group norms
+      are reduced with one ``psum`` of a small vector.
+
+  Returns:
+    An ``optax.GradientTransformation``; its stats have one entry per group,
+    in order of first appearance in the tree.
+
+  References:
+    You et al., `Large Batch Training of Convolutional Networks
+    <https://arxiv.org/abs/1708.03888>`_, 2017 (layer-wise norms);
+    McMahan et al., `A General Approach to Adding Differential Privacy to
+    Iterative Training Procedures <https://arxiv.org/abs/1812.06210>`_, 2018.
+  """
+  policy = as_policy(max_norm, "max_norm")
+  _group_key_fn(group)  # validate now, not at first update
+
+  def init_fn(params):
+    ids, _ = layer_groups(params, group)
+    count = int(ids.max()) + 1 if ids.size else 0
+    dtype = _norm_dtype(params)
+    return LayerNormClipState(
+      init_clip_stats((count,), dtype), policy.init(jnp.zeros((count,), dtype))
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = norms.check_float_leaves(updates)
+    ids, _ = layer_groups(updates, group)
+    count = state.stats.norm.shape[0]
+    if ids.size and int(ids.max()) + 1 != count:
+      raise ValueError(
+        f"clipx.clip_by_layer_norm: updates have {int(ids.max()) + 1} groups but the"
+        f" state was initialised with {count}; init with params shaped like the updates."
+      )
+    norm = norms.group_norms(leaves, ids, count, axis_name=axis_name)
+    threshold, threshold_state = policy.update(norm, state.threshold_state)
+    threshold = threshold.astype(norm.dtype)
+    clipped, scale = clip_decision(norm, threshold)
+    treedef = jax.tree_util.tree_structure(updates)
+    out = [scale_leaf(x, clipped[i], scale[i]) for x, i in zip(leaves, ids)]
+    stats = _stats(norm, norm * scale, threshold, scale, clipped, state.stats)
+    return jax.tree_util.tree_unflatten(treedef, out), LayerNormClipState(stats, threshold_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def unit_axes(shape: tuple[int, ...], axis: int | tuple[int, ...] | None = None) -> tuple[int, ...]:
+  """The axes a unit-wise norm reduces over, following Optax's conventions.
+
+  Vectors (and arrays with one non-trivial axis) are one unit; rank-2 and 3
+  (dense ``(in, out)``, multi-head) reduce axis 0; rank-4 conv kernels (HWIO)
+  reduce (0, 1, 2); rank-5 (DHWIO) reduce (0, 1, 2, 3). Pass ``axis`` for
+  other layouts.
+  """
+  rank = len(shape)
+  if axis is not None:
+    return tuple(a % rank for a in ((axis,) if isinstance(axis, int) else axis))
+  if sum(d != 1 for d in shape) <= 1:
+    return tuple(range(rank))
+  if rank in (2, 3):
+    return (0,)
+  if rank in (4, 5):
+    return tuple(range(rank - 1))
+  raise ValueError(
+    f"clipx.adaptive_grad_clip: no default unit axes for shape {shape};"
+    " pass axis= to say which axes form a unit."
+  )
+
+
+def check_same_structure(updates: chex.ArrayTree, params: chex.ArrayTree, what: str) -> None:
+  """Raises ValueError naming the first path where ``params`` differs from ``updates``."""
+  u = jax.tree_util.tree_leaves_with_path(updates)
+  p = jax.tree_util.tree_leaves_with_path(params)
+  for (u_path, u_leaf), (p_path, p_leaf) in zip(u, p):
+    if u_path != p_path:
+      raise ValueError(
+        f"clipx.{what}: params do not match updates: updates have"
+        f" {jax.tree_util.keystr(u_path)} where params have {jax.tree_util.keystr(p_path)}."
+      )
+    if jnp.shape(u_leaf) != jnp.shape(p_leaf):
+      raise ValueError(
+        f"clipx.{what}: params do not match updates at {jax.tree_util.keystr(u_path)}:"
+        f" update shape {jnp.shape(u_leaf)}, param shape {jnp.shape(p_leaf)}."
+      )
+  if len(u) != len(p):
+    longer, name = (u, "updates") if len(u) > len(p) else (p, "params")
+    extra = jax.tree_util.keystr(longer[min(len(u), len(p))][0])
+    raise ValueError(f"clipx.{what}: params do not match updates: only {name} have {extra}.")
+
+
+def _unit_sq_norms(stacked: jax.Array, axes: tuple[int, ...], dtype) -> jax.Array:
+  return jnp.sum(norms._abs_sq(stacked, dtype), axis=axes, keepdims=True)
+
+
+def _unit_norms_scaled(stacked: jax.Array, axes: tuple[int, ...], dtype) -> jax.Array:
+  m = jnp.max(jnp.abs(stacked).astype(dtype), axis=axes, keepdims=True)
+  safe_m = jnp.where(m > 0, m, 1)
+  s = jnp.sum(norms._abs_sq(stacked.astype(dtype) * (1 / safe_m), dtype), axis=axes, keepdims=True)
+  return jnp.where(jnp.isinf(m), jnp.inf, m * jnp.sqrt(s))
+
+
+def adaptive_grad_clip(
+  clipping: float | jax.Array | optax.Schedule,
+  *,
+  eps: float = 1e-3,
+  axis: int | tuple[int, ...] | None = None,
+  axis_name: Any = None,
+) -> optax.GradientTransformation:
+  """Unit-wise adaptive gradient clipping (AGC).
+
+  Each unit (an output neuron: a column of a dense kernel, an output channel
+  of a conv kernel) has its gradient norm held to
+  ``clipping * max(||param unit||, eps)``. Needs ``params`` in ``update``.
+
+  Args:
+    clipping: the largest allowed ratio of gradient norm to parameter norm
+      (the paper uses 0.01 to 0.16); a positive float or an Optax schedule.
+    eps: the floor of the parameter norm, so zero-initialised parameters
+      (biases) can still move.
+    axis: the axes a unit reduces over; ``None`` follows Optax's defaults
+      (see :func:`unit_axes`).
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis the units are
+      sharded over: unit norms are then reduced over it with ``psum``.
+
+  Returns:
+    An ``optax.GradientTransformation``. Its stats are of the whole tree:
+    ``norm`` and ``clipped_norm`` are global norms before and after,
+    ``clipped`` says whether any unit was clipped.
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+  """
+  policy = as_policy(clipping, "clipping")
+  if isinstance(clipping, ThresholdPolicy):
+    raise TypeError(
+      "clipx.adaptive_grad_clip: clipping is a ratio of norms; pass a float or a"
+      " schedule, not an adaptive threshold policy."
+    )
+  check_positive("eps", eps)
+
+  def init_fn(params):
+    dtype = _norm_dtype(params)
+    return AdaptiveGradClipState(init_clip_stats((), dtype), policy.init(jnp.zeros((), dtype)))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    check_same_structure(updates, params, "adaptive_grad_clip")
+    leaves = norms.check_float_leaves(updates)
+    param_leaves = norms.check_float_leaves(params, "params")
+    dtype = jnp.result_type(norms._common_dtype(leaves), norms._common_dtype(param_leaves))
+    ratio, threshold_state = policy.update(jnp.zeros((), dtype), state.threshold_state)
+    ratio = ratio.astype(dtype)
+
+    # Same-shape small leaves are stacked so one reduction serves many leaves
+    # (compile time); the leading axis of a stack indexes the leaf.
+    buckets = norms._buckets(leaves)
+    stacks, stack_axes = [], []
+    for bucket in buckets:
+      stacks.append(
+        (jnp.stack([leaves[i] for i in bucket]), jnp.stack([param_leaves[i] for i in bucket]))
+      )
+      stack_axes.append(tuple(a + 1 for a in unit_axes(leaves[bucket[0]].shape, axis)))
+    g_sq = [_unit_sq_norms(g, axes, dtype) for (g, _), axes in zip(stacks, stack_axes)]
+    p_sq = [_unit_sq_norms(p, axes, dtype) for (_, p), axes in zip(stacks, stack_axes)]
+    if axis_name is not None:
+      g_sq, p_sq = lax.psum((g_sq, p_sq), axis_name)
+    if stacks:
+      all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in g_sq + p_sq]))
+    else:
+      all_finite = jnp.bool_(True)
+
+    def common(_):
+      return [jnp.sqrt(x) for x in g_sq], [jnp.sqrt(x) for x in p_sq]
+
+    def fallback(operands):
+      if axis_name is None:
+        unit_norm = lambda x, axes: _unit_norms_scaled(x, axes, dtype)  # noqa: E731
+      else:
+        # Under shard_map a unit may span shards: factor out its global max.
+        def unit_norm(x, axes):
+          m = lax.pmax(jnp.max(jnp.abs(x).astype(dtype), axis=axes, keepdims=True), axis_name)
+          safe_m = jnp.where(m > 0, m, 1)
+          s = jnp.sum(norms._abs_sq(x.astype(dtype) / safe_m, dtype), axis=axes, keepdims=True)
+          return jnp.where(jnp.isinf(m), jnp.inf, m * jnp.sqrt(lax.psum(s, axis_name)))
+
+      return (
+        [unit_norm(g, axes) for (g, _), axes in zip(operands, stack_axes)],
+        [unit_norm(p, axes) for (_, p), axes in zip(operands, stack_axes)],
+      )
+
+    g_norms, p_norms = lax.cond(all_finite, common, fallback, stacks)
+
+    out = [None] * len(leaves)
+    unit_norms, unit_clipped_norms, any_clipped = [], [], []
+    for bucket, g_norm, p_norm in zip(buckets, g_norms, p_norms):
+      max_norm = ratio * jnp.maximum(p_norm, eps)
+      clipped, scale = clip_decision(g_norm, max_norm)
+      for j, i in enumerate(bucket):
+        out[i] = scale_leaf(leaves[i], clipped[j], scale[j])
+      unit_norms.append(g_norm.reshape(-1))
+      unit_clipped_norms.append((g_norm * scale).reshape(-1))
+      any_clipped.append(jnp.any(clipped))
+    if stacks:
+      norm = norms.safe_vector_norm(jnp.concatenate(unit_norms))
+      clipped_norm = norms.safe_vector_norm(jnp.concatenate(unit_clipped_norms))
+      clipped = jnp.any(jnp.stack(any_clipped))
+    else:
+      norm = clipped_norm = jnp.zeros((), dtype)
+      clipped = jnp.bool_(False)
+    scale = jnp.where(norm > 0, clipped_norm / jnp.where(norm > 0, norm, 1), 1).astype(dtype)
+    stats = _stats(norm, clipped_norm, ratio, scale, clipped, state.stats)
+    treedef = jax.tree_util.tree_structure(updates)
+    return jax.tree_util.tree_unflatten(treedef, out), AdaptiveGradClipState(stats, threshold_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_value(max_abs: Threshold) -> optax.GradientTransformation:
+  """Clips every element of the updates to ``[-max_abs, max_abs]``.
+
+  Value clipping changes the direction of the update; prefer a norm scope
+  unless single huge elements are the problem.
+
+  Args:
+    max_abs: the bound: a positive float, an Optax schedule, or a policy (which
+      then sees the largest magnitude of each step as its "norm").
+
+  Returns:
+    An ``optax.GradientTransformation``; its stats' ``norm`` is the largest
+    magnitude before clipping and ``clipped_norm`` after.
+
+  References:
+    Mikolov, `Statistical Language Models Based on Neural Networks
+    <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012.
+  """
+  policy = as_policy(max_abs, "max_abs")
+
+  def init_fn(params):
+    dtype = _norm_dtype(params)
+    return ValueClipState(init_clip_stats((), dtype), policy.init(jnp.zeros((), dtype)))
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = norms.check_float_leaves(updates)
+    dtype = _norm_dtype(updates)
+    largest = (
+      jnp.max(
+        norms.per_leaf_reduce(
+          leaves, lambda x: jnp.max(jnp.abs(x).astype(dtype), axis=tuple(range(1, x.ndim)))
+        ),
+        initial=0.0,
+      )
+      if leaves
+      else jnp.zeros((), dtype)
+    )
+    threshold, threshold_state = policy.update(largest, state.threshold_state)
+    threshold = threshold.astype(dtype)
+    clipped = (largest > threshold) & jnp.isfinite(largest)
+
+    def clip_leaf(x):
+      bound = threshold.astype(jnp.promote_types(x.dtype, dtype))
+      return jnp.clip(x.astype(bound.dtype), -bound, bound).astype(x.dtype)
+
+    updates = jax.tree.map(clip_leaf, updates)
+    clipped_norm = jnp.where(clipped, threshold, largest)
+    scale = jnp.where(largest > 0, clipped_norm / jnp.where(largest > 0, largest, 1), 1)
+    stats = _stats(largest, clipped_norm, threshold, scale.astype(dtype), clipped, state.stats)
+    return updates, ValueClipState(stats, threshold_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
