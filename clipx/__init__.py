@@ -15,7 +15,18 @@ from clipx.guards import (
 )
 from clipx.norms import global_norm
 from clipx.stats import ClipStats, SkipStats, StatsReport, stats
-from clipx.thresholds import ThresholdPolicy, as_policy
+from clipx.thresholds import (
+  AutoClipState,
+  EmaRatioState,
+  QuantileState,
+  ThresholdPolicy,
+  ZClipState,
+  as_policy,
+  autoclip,
+  ema_ratio,
+  quantile,
+  zclip,
+)
 from clipx.transforms import (
   AdaptiveGradClipState,
   GlobalNormClipState,
@@ -34,26 +45,34 @@ __version__ = "0.1.0"
 
 __all__ = [
   "AdaptiveGradClipState",
+  "AutoClipState",
   "ClipStats",
+  "EmaRatioState",
   "GlobalNormClipState",
   "LayerNormClipState",
+  "QuantileState",
   "SkipNonfiniteState",
   "SkipSpikesState",
   "SkipStats",
   "StatsReport",
   "ThresholdPolicy",
   "ValueClipState",
+  "ZClipState",
   "adaptive_grad_clip",
   "all_finite",
   "as_policy",
+  "autoclip",
   "clip_by_global_norm",
   "clip_by_layer_norm",
   "clip_by_value",
   "clip_tree",
+  "ema_ratio",
   "global_norm",
   "layer_groups",
+  "quantile",
   "skip_nonfinite",
   "skip_spikes",
   "stats",
   "unit_axes",
+  "zclip",
 ]

@@ -122,3 +122,493 @@ def as_policy(threshold: Any, name: str = "max_norm") -> ThresholdPolicy:
   if isinstance(threshold, float) and math.isinf(threshold) and threshold < 0:
     raise ValueError(f"clipx: {name} must be positive, got {threshold!r}.")
   return constant(threshold, name)
+
+
+# Adaptive policies.
+#
+# Shared rules, so every policy behaves the same at the edges:
+# - Statistics are elementwise: a scalar norm (global clipping) or one per
+#   group (per-layer clipping) each get their own history.
+# - A norm that is not finite, or is exactly zero, is not recorded. A
+#   non-finite norm would poison the statistics for good; a zero norm means
+#   the group received no gradient this step and says nothing about scale,
+#   while recording it can drag an EMA to zero, after which every later
+#   gradient of that group would be clipped to zero and recorded as zero.
+# - Before ``warmup_steps`` norms have been recorded the threshold is
+#   ``initial`` (by default ``inf``: no clipping until the scale is known),
+#   so a statistic is never read before it is defined.
+# - Statistics are kept in float32 (or wider, if the norms are).
+
+
+def _check_fraction(name: str, value: Any, low: float, high: float, closed_high: bool) -> None:
+  """Raises ValueError unless ``low < value < high`` (``<= high`` when closed)."""
+  number = concrete_float(value) if not isinstance(value, (bool, np.bool_)) else math.nan
+  if number is None:
+    return  # traced inside inject_hyperparams; checked when the state was initialised
+  ok = low < number <= high if closed_high else low < number < high
+  if not ok:
+    bracket = "]" if closed_high else ")"
+    raise ValueError(f"clipx: {name} must be in ({low:g}, {high:g}{bracket}, got {value!r}.")
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+  """Raises ValueError unless ``value`` is an integer >= ``minimum`` (traced values pass)."""
+  number = concrete_float(value) if not isinstance(value, (bool, np.bool_)) else math.nan
+  if number is None:
+    return
+  if not (number == math.floor(number) and number >= minimum):
+    raise ValueError(f"clipx: {name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_greater_than_one(name: str, value: Any) -> None:
+  check_positive(name, value)
+  number = concrete_float(value)
+  if number is not None and not number > 1:
+    raise ValueError(
+      f"clipx: {name} must be > 1, got {value!r}: the statistic is updated with the"
+      " clipped norm, so a bound at or below it can only shrink, down to zero."
+    )
+
+
+def _stat_dtype(norm: jax.Array) -> jnp.dtype:
+  return jnp.promote_types(jnp.result_type(norm), jnp.float32)
+
+
+def _recordable(norm: jax.Array) -> jax.Array:
+  """Whether a norm enters the statistics: finite and non-zero (see above)."""
+  return jnp.isfinite(norm) & (norm != 0)
+
+
+def _increment(count: jax.Array, record: jax.Array) -> jax.Array:
+  """``count + 1`` where ``record``, saturating instead of wrapping around."""
+  return jnp.where(record, optax.safe_increment(count), count)
+
+
+def _threshold(value: jax.Array, norm: jax.Array) -> jax.Array:
+  return jnp.broadcast_to(value, jnp.shape(norm)).astype(_stat_dtype(norm))
+
+
+class AutoClipState(NamedTuple):
+  """State of :func:`autoclip`.
+
+  Attributes:
+    norms: ring buffer of the last ``history`` recorded norms, shape
+      ``(history,) + norm.shape``; slot ``i`` of a group is valid once that
+      group has recorded more than ``i`` norms.
+    count: number of norms recorded so far, per group (int32).
+  """
+
+  norms: jax.Array
+  count: jax.Array
+
+
+def _window_percentile(norms: jax.Array, count: jax.Array, percentile: jax.Array) -> jax.Array:
+  """``np.percentile(window, percentile)`` (linear method) per group of a ring buffer."""
+  history = norms.shape[0]
+  valid = jnp.maximum(jnp.minimum(count, history), 1)
+  slot = jnp.arange(history).reshape((history,) + (1,) * count.ndim)
+  # Slots not yet written sort last, so the first ``valid`` sorted entries are the window.
+  ordered = jnp.sort(jnp.where(slot < valid, norms, jnp.inf), axis=0)
+  position = jnp.asarray(percentile, norms.dtype) / 100 * (valid - 1).astype(norms.dtype)
+  below = jnp.floor(position)
+  fraction = position - below
+  low_index = jnp.clip(below.astype(jnp.int32), 0, valid - 1)
+  high_index = jnp.minimum(low_index + 1, valid - 1)
+  low = jnp.take_along_axis(ordered, low_index[None], axis=0)[0]
+  high = jnp.take_along_axis(ordered, high_index[None], axis=0)[0]
+  # NumPy's two-sided linear interpolation, so the result matches np.percentile
+  # to rounding; where(low == high) avoids inf - inf when a slot is unwritten.
+  step = jnp.where(low == high, 0, high - low)
+  return jnp.where(fraction >= 0.5, high - step * (1 - fraction), low + step * fraction)
+
+
+def autoclip(
+  percentile: chex.Numeric = 10.0,
+  history: int = 1000,
+  *,
+  warmup_steps: int = 10,
+  initial: chex.Numeric = float("inf"),
+) -> ThresholdPolicy:
+  """AutoClip: the threshold is a percentile of the recent gradient norms.
+
+  Each step the threshold is ``np.percentile(window, percentile)`` of the last
+  ``history`` recorded norms (NumPy's default linear interpolation); then the
+  step's norm, unclipped, is recorded. With the default 10th percentile about
+  nine steps in ten are clipped: AutoClip is a strong regulariser of the step
+  size, not only a guard against rare spikes.
+
+  Differences from the paper, both deliberate: the paper keeps *every* norm
+  since the start of training, so its memory and the cost of the percentile
+  grow without bound and the threshold reflects the whole run; here a ring
+  buffer of fixed size ``history`` keeps memory constant (it lives in the
+  optimizer state) and lets the threshold follow the norm's drift over
+  training. And the paper appends the current norm before taking the
+  percentile; here the threshold uses past norms only, as in the authors'
+  ``autoclip`` package, so a step is judged against history it did not shape
+  (for a long window the two agree to within one sample).
+
+  Warm-up: until ``warmup_steps`` norms have been recorded the threshold is
+  ``initial``. Non-finite and zero norms are not recorded.
+
+  Args:
+    percentile: in (0, 100]; may be changed at run time inside
+      ``optax.inject_hyperparams`` without recompiling.
+    history: the window length (a Python int; it sets the state's shape).
+    warmup_steps: norms recorded before the percentile is used; >= 1.
+    initial: the threshold during warm-up, > 0 (``inf``: no clipping).
+
+  Returns:
+    A :class:`ThresholdPolicy` whose state is :class:`AutoClipState`.
+
+  References:
+    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, MLSP 2020.
+
+  Example:
+    >>> import jax.numpy as jnp, clipx
+    >>> policy = clipx.autoclip(percentile=50, history=4, warmup_steps=2)
+    >>> state = policy.init(jnp.zeros(()))
+    >>> for norm in [1.0, 2.0, 3.0, 10.0]:
+    ...   threshold, state = policy.update(jnp.float32(norm), state)
+    >>> float(threshold)  # median of 1, 2, 3
+    2.0
+  """
+  _check_fraction("percentile", percentile, 0.0, 100.0, closed_high=True)
+  _check_count("history", history, 1)
+  _check_count("warmup_steps", warmup_steps, 1)
+  check_positive("initial", initial)
+
+  def init(norm):
+    dtype = _stat_dtype(norm)
+    size = concrete_float(history)
+    if size is None:
+      raise TypeError(
+        "clipx.autoclip: history sets the shape of the state and must be a Python int;"
+        " inside optax.inject_hyperparams pass static_args=('history',)."
+      )
+    return AutoClipState(
+      norms=jnp.zeros((int(size),) + jnp.shape(norm), dtype),
+      count=jnp.zeros(jnp.shape(norm), jnp.int32),
+    )
+
+  def update(norm, state):
+    # The window length comes from the state, not the argument, so a traced
+    # ``history`` (inject_hyperparams without static_args) still works.
+    size = state.norms.shape[0]
+    past = _window_percentile(state.norms, state.count, percentile)
+    threshold = jnp.where(state.count >= warmup_steps, past, jnp.asarray(initial, past.dtype))
+    record = _recordable(norm)
+    slot = jnp.arange(size).reshape((size,) + (1,) * state.count.ndim)
+    write = (slot == state.count % size) & record
+    norms = jnp.where(write, jnp.asarray(norm, state.norms.dtype), state.norms)
+    return _threshold(threshold, norm), AutoClipState(norms, _increment(state.count, record))
+
+  return ThresholdPolicy(init, update)
+
+
+class ZClipState(NamedTuple):
+  """State of :func:`zclip`.
+
+  Attributes:
+    count: norms recorded so far, per group (int32).
+    mean: during warm-up the running mean of the recorded norms; after it,
+      their exponential moving average.
+    var: likewise, the running (population) variance, then its EMA.
+  """
+
+  count: jax.Array
+  mean: jax.Array
+  var: jax.Array
+
+
+_ZCLIP_MODES = ("reciprocal", "clip_to_max")
+
+
+def zclip(
+  z_threshold: chex.Numeric = 2.5,
+  alpha: chex.Numeric = 0.97,
+  warmup_steps: int = 25,
+  mode: str = "reciprocal",
+  *,
+  initial: chex.Numeric = float("inf"),
+) -> ThresholdPolicy:
+  """ZClip: clip norms whose z-score against an EMA of past norms is too high.
+
+  The mean ``mu`` and variance ``var`` of the norm are exponential moving
+  averages. A norm is a spike when ``z = (norm - mu) / std > z_threshold``,
+  i.e. ``norm > mu + z_threshold * std``; otherwise it is not clipped and the
+  returned threshold is that bound. A spike is clipped to
+
+  - ``mode="reciprocal"`` (the paper's default): ``mu + z_threshold**2 * std / z``,
+    so the larger the outlier, the closer to the mean it is pulled;
+  - ``mode="clip_to_max"``: ``mu + z_threshold * std``, the largest norm that
+    is not a spike.
+
+  The statistics are then updated with the *clipped* norm (``mu`` first, and
+  ``var`` with the deviation from the new ``mu``, as in the authors' code), so
+  a spike moves them no more than a norm at the bound would.
+
+  ZClip follows the norm: a norm that grows steadily (a learning rate that is
+  simply too high) is never a spike, so it is not held down. Use it as a
+  spike guard; use a fixed threshold, :func:`autoclip` or :func:`quantile` to
+  bound the step size.
+
+  Warm-up: the first ``warmup_steps`` recorded norms set ``mu`` and ``var``
+  to their mean and population variance (no buffer is kept: a running
+  Welford update); meanwhile the threshold is ``initial``. Non-finite and
+  zero norms are not recorded. Unlike the authors' code there is no ``eps``
+  in the z-score: the spike test is written as ``norm > mu + z_threshold * std``,
+  which needs no division, so tiny per-layer norms are not distorted by an
+  absolute epsilon.
+
+  Args:
+    z_threshold: the z-score above which a norm is a spike, > 0; may be
+      changed at run time inside ``optax.inject_hyperparams``.
+    alpha: EMA decay of the mean and variance, in (0, 1).
+    warmup_steps: norms recorded before clipping starts; >= 1.
+    mode: ``"reciprocal"`` or ``"clip_to_max"`` (see above).
+    initial: the threshold during warm-up, > 0 (``inf``: no clipping).
+
+  Returns:
+    A :class:`ThresholdPolicy` whose state is :class:`ZClipState`.
+
+  References:
+    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_, 2025.
+
+  Example:
+    >>> import jax.numpy as jnp, clipx
+    >>> policy = clipx.zclip(warmup_steps=4, mode="clip_to_max")
+    >>> state = policy.init(jnp.zeros(()))
+    >>> for norm in [1.0, 3.0, 1.0, 3.0]:  # mean 2, std 1
+    ...   _, state = policy.update(jnp.float32(norm), state)
+    >>> threshold, state = policy.update(jnp.float32(100.0), state)
+    >>> float(threshold)  # 2 + 2.5 * 1
+    4.5
+  """
+  check_positive("z_threshold", z_threshold)
+  _check_fraction("alpha", alpha, 0.0, 1.0, closed_high=False)
+  _check_count("warmup_steps", warmup_steps, 1)
+  check_positive("initial", initial)
+  if mode not in _ZCLIP_MODES:
+    raise ValueError(f"clipx.zclip: mode must be one of {_ZCLIP_MODES}, got {mode!r}.")
+
+  def init(norm):
+    zeros = jnp.zeros(jnp.shape(norm), _stat_dtype(norm))
+    return ZClipState(count=jnp.zeros(jnp.shape(norm), jnp.int32), mean=zeros, var=zeros)
+
+  def update(norm, state):
+    dtype = state.mean.dtype
+    x = jnp.asarray(norm, dtype)
+    z = jnp.asarray(z_threshold, dtype)
+    decay = jnp.asarray(alpha, dtype)
+    warm = state.count >= warmup_steps
+    std = jnp.sqrt(state.var)
+    bound = state.mean + z * std
+    spike = x > bound
+    if mode == "reciprocal":
+      # mu + z_t * std / (z / z_t) with z = (x - mu) / std, written without
+      # dividing by std (which may be 0); x - mu > 0 wherever spike holds.
+      excess = jnp.where(spike, x - state.mean, 1)
+      spike_threshold = state.mean + z * z * state.var / excess
+    else:
+      spike_threshold = bound
+    threshold = jnp.where(
+      warm, jnp.where(spike, spike_threshold, bound), jnp.asarray(initial, dtype)
+    )
+
+    # After warm-up the statistics see the norm as clipped, so a spike cannot
+    # inflate the bound that is meant to catch the next one.
+    effective = jnp.where(warm, jnp.minimum(x, threshold), x)
+    ema_mean = decay * state.mean + (1 - decay) * effective
+    ema_var = decay * state.var + (1 - decay) * jnp.square(effective - ema_mean)
+    seen = (state.count + 1).astype(dtype)
+    delta = effective - state.mean
+    welford_mean = state.mean + delta / seen
+    welford_var = state.var + (delta * (effective - welford_mean) - state.var) / seen
+    record = _recordable(x)
+    mean = jnp.where(record, jnp.where(warm, ema_mean, welford_mean), state.mean)
+    var = jnp.where(record, jnp.where(warm, ema_var, welford_var), state.var)
+    new_state = ZClipState(_increment(state.count, record), mean, var)
+    return _threshold(threshold, norm), new_state
+
+  return ThresholdPolicy(init, update)
+
+
+class EmaRatioState(NamedTuple):
+  """State of :func:`ema_ratio`.
+
+  Attributes:
+    count: norms recorded so far, per group (int32).
+    ema: during warm-up the running mean of the recorded norms; after it, the
+      exponential moving average of the clipped norms.
+  """
+
+  count: jax.Array
+  ema: jax.Array
+
+
+def ema_ratio(
+  ratio: chex.Numeric = 2.0,
+  decay: chex.Numeric = 0.95,
+  *,
+  warmup_steps: int = 10,
+  initial: chex.Numeric = float("inf"),
+) -> ThresholdPolicy:
+  """Clip to ``ratio`` times an exponential moving average of the clipped norm.
+
+  As OLMo's ``max_grad_norm_ratio`` (which applies it per parameter tensor:
+  use ``clip_by_layer_norm(clipx.ema_ratio())`` for that): the threshold is
+  ``ratio * ema``, and the EMA is then updated with the norm after clipping,
+  ``ema <- decay * ema + (1 - decay) * min(norm, ratio * ema)``. So the
+  threshold can rise by at most a factor ``decay + (1 - decay) * ratio`` per
+  step (1.05 with the defaults): slow growth is followed, a spike is cut.
+
+  Warm-up: the EMA starts as the mean of the first ``warmup_steps`` recorded
+  norms (OLMo starts it at the first norm: ``warmup_steps=1``); meanwhile the
+  threshold is ``initial``. Non-finite and zero norms are not recorded.
+
+  Args:
+    ratio: the allowed multiple of the EMA, > 1 (at or below 1 the EMA of
+      clipped norms could only shrink, to zero). May be changed at run time
+      inside ``optax.inject_hyperparams``.
+    decay: EMA decay, in (0, 1). OLMo uses the larger of Adam's betas (0.95).
+    warmup_steps: norms recorded before clipping starts; >= 1.
+    initial: the threshold during warm-up, > 0 (``inf``: no clipping).
+
+  Returns:
+    A :class:`ThresholdPolicy` whose state is :class:`EmaRatioState`.
+
+  References:
+    Groeneveld et al., `OLMo: Accelerating the Science of Language Models
+    <https://arxiv.org/abs/2402.00838>`_, 2024; the rule is
+    ``max_grad_norm_ratio`` in `allenai/OLMo <https://github.com/allenai/OLMo>`_
+    (``olmo/optim.py``).
+
+  Example:
+    >>> import jax.numpy as jnp, clipx
+    >>> policy = clipx.ema_ratio(ratio=2.0, warmup_steps=2)
+    >>> state = policy.init(jnp.zeros(()))
+    >>> for norm in [1.0, 3.0]:  # EMA starts at their mean, 2
+    ...   _, state = policy.update(jnp.float32(norm), state)
+    >>> threshold, state = policy.update(jnp.float32(50.0), state)
+    >>> float(threshold), round(float(state.ema), 4)  # EMA moves with the clipped norm, 4
+    (4.0, 2.1)
+  """
+  _check_greater_than_one("ratio", ratio)
+  _check_fraction("decay", decay, 0.0, 1.0, closed_high=False)
+  _check_count("warmup_steps", warmup_steps, 1)
+  check_positive("initial", initial)
+
+  def init(norm):
+    dtype = _stat_dtype(norm)
+    return EmaRatioState(
+      count=jnp.zeros(jnp.shape(norm), jnp.int32), ema=jnp.zeros(jnp.shape(norm), dtype)
+    )
+
+  def update(norm, state):
+    dtype = state.ema.dtype
+    x = jnp.asarray(norm, dtype)
+    beta = jnp.asarray(decay, dtype)
+    warm = state.count >= warmup_steps
+    threshold = jnp.where(warm, jnp.asarray(ratio, dtype) * state.ema, jnp.asarray(initial, dtype))
+    ema_update = beta * state.ema + (1 - beta) * jnp.minimum(x, threshold)
+    mean_update = state.ema + (x - state.ema) / (state.count + 1).astype(dtype)
+    record = _recordable(x)
+    ema = jnp.where(record, jnp.where(warm, ema_update, mean_update), state.ema)
+    return _threshold(threshold, norm), EmaRatioState(_increment(state.count, record), ema)
+
+  return ThresholdPolicy(init, update)
+
+
+class QuantileState(NamedTuple):
+  """State of :func:`quantile`: the current threshold, per group."""
+
+  threshold: jax.Array
+
+
+def quantile(
+  target_quantile: chex.Numeric = 0.5,
+  learning_rate: chex.Numeric = 0.2,
+  initial: chex.Numeric = 1.0,
+) -> ThresholdPolicy:
+  """A threshold driven geometrically toward a target quantile of the norms.
+
+  Each step the norm is clipped to the current threshold ``C``; then, with
+  ``b`` the fraction of norms that were not clipped (``norm <= C``),
+  ``C <- C * exp(-learning_rate * (b - target_quantile))``: the threshold
+  falls while more than the target fraction passes unclipped and rises while
+  fewer do, so it settles where ``target_quantile`` of the norms pass. This is
+  online gradient descent on the quantile (pinball) loss in ``log C``.
+
+  Batches of per-example norms (DP-SGD): ``update`` also accepts a norm with
+  one extra leading axis, shape ``(B,) + state shape``. Then ``b`` is the
+  fraction of the batch left unclipped, the returned threshold has the
+  state's shape, and it is the threshold *before* this step's update (the one
+  to clip this batch with), as in the paper. Non-finite norms are left out of
+  the fraction; with none finite the threshold does not move. Private
+  training must add noise to the unclipped count itself (the paper's
+  ``sigma_b``); this policy computes the exact fraction.
+
+  There is no warm-up: the threshold starts at ``initial`` and moves from the
+  first step (by at most a factor ``exp(learning_rate)`` per step). It is kept
+  within the positive finite range of its dtype, so it can always recover.
+
+  Args:
+    target_quantile: the fraction of norms to leave unclipped, in (0, 1); at 0
+      or 1 the threshold would drift to zero or infinity.
+    learning_rate: step size of the geometric update, > 0 (the paper uses 0.2).
+    initial: the starting threshold, positive and finite.
+
+  Returns:
+    A :class:`ThresholdPolicy` whose state is :class:`QuantileState`.
+
+  References:
+    Andrew et al., `Differentially Private Learning with Adaptive Clipping
+    <https://arxiv.org/abs/1905.03871>`_, NeurIPS 2021.
+
+  Example:
+    >>> import jax.numpy as jnp, clipx
+    >>> policy = clipx.quantile(target_quantile=0.5, learning_rate=0.2, initial=1.0)
+    >>> state = policy.init(jnp.zeros(()))
+    >>> norms = jnp.array([0.5, 0.7, 2.0, 3.0])  # per-example: half unclipped
+    >>> threshold, state = policy.update(norms, state)
+    >>> float(threshold), float(state.threshold)  # b = 0.5 = target: no change
+    (1.0, 1.0)
+  """
+  _check_fraction("target_quantile", target_quantile, 0.0, 1.0, closed_high=False)
+  check_positive("learning_rate", learning_rate)
+  check_positive("initial", initial)
+  start = concrete_float(initial)
+  if start is not None and math.isinf(start):
+    raise ValueError(f"clipx.quantile: initial must be finite, got {initial!r}.")
+
+  def init(norm):
+    return QuantileState(jnp.full(jnp.shape(norm), initial, _stat_dtype(norm)))
+
+  def update(norm, state):
+    current = state.threshold
+    norm = jnp.asarray(norm)
+    if norm.ndim == current.ndim:
+      batch = norm[None]
+    elif norm.ndim == current.ndim + 1:
+      batch = norm
+    else:
+      raise ValueError(
+        f"clipx.quantile: norm has shape {norm.shape}; expected the state's shape"
+        f" {current.shape} or one leading batch axis in front of it."
+      )
+    batch = batch.astype(current.dtype)
+    finite = jnp.isfinite(batch)
+    counted = jnp.sum(finite, axis=0)
+    unclipped = jnp.sum(finite & (batch <= current), axis=0)
+    fraction = unclipped.astype(current.dtype) / jnp.maximum(counted, 1).astype(current.dtype)
+    step = jnp.asarray(learning_rate, current.dtype) * (
+      fraction - jnp.asarray(target_quantile, current.dtype)
+    )
+    info = jnp.finfo(current.dtype)
+    moved = jnp.clip(current * jnp.exp(-step), info.tiny, info.max)
+    new_threshold = jnp.where(counted > 0, moved, current)
+    return current, QuantileState(new_threshold)
+
+  return ThresholdPolicy(init, update)
