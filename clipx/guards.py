@@ -23,7 +23,9 @@ class SkipNonfiniteState(NamedTuple):
 
   inner_state: Any
   stats: SkipStats
-  clipx_kind = "skip_nonfinite"
+
+
+SkipNonfiniteState.clipx_kind = "skip_nonfinite"  # type: ignore[attr-defined]
 
 
 class SkipSpikesState(NamedTuple):
@@ -32,8 +34,10 @@ class SkipSpikesState(NamedTuple):
   inner_state: Any
   stats: SkipStats
   ema: jax.Array
-  count: jax.Array
-  clipx_kind = "skip_spikes"
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
+
+
+SkipSpikesState.clipx_kind = "skip_spikes"  # type: ignore[attr-defined]
 
 
 def all_finite(tree: Any) -> jax.Array:

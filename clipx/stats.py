@@ -8,7 +8,7 @@ any optimizer state (through ``optax.chain``, ``inject_hyperparams``,
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +115,20 @@ class StatsReport(dict):
   __repr__ = __str__
 
 
+def _find_clipx_states(tree: Any) -> list[Any]:
+  """The clipx states in ``tree``, outer before inner, in leaf order.
+
+  A response wrapper's state holds the inner optimizer's state (which may hold
+  clipping states of its own), so the search goes on inside every state found.
+  """
+  found = []
+  for node in jax.tree_util.tree_leaves(tree, is_leaf=lambda n: _kind_of(n) is not None):
+    if _kind_of(node) is not None:
+      found.append(node)
+      found.extend(_find_clipx_states([v for v in node if v is not node.stats]))
+  return found
+
+
 def stats(opt_state: Any) -> StatsReport:
   """Finds the ``ClipStats``/``SkipStats`` of every clipx transform in a state.
 
@@ -135,15 +149,11 @@ def stats(opt_state: Any) -> StatsReport:
     >>> clipx.stats(state).as_dict()["clip/global/norm"]
     4.0
   """
-  found = [
-    node
-    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: _kind_of(n) is not None)
-    if _kind_of(node) is not None
-  ]
+  found = _find_clipx_states(opt_state)
   counts: dict[str, int] = {}
   report = StatsReport()
   for node in found:
-    kind = _kind_of(node)
+    kind = cast(str, _kind_of(node))  # not None: filtered above
     index = counts.get(kind, 0)
     counts[kind] = index + 1
     report[kind if index == 0 else f"{kind}.{index}"] = node.stats

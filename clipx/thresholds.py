@@ -43,7 +43,7 @@ class ThresholdPolicy(NamedTuple):
 class ScheduleState(NamedTuple):
   """State of a scheduled threshold: the number of updates so far."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
 
 
 def concrete_float(value: Any) -> float | None:
@@ -199,7 +199,7 @@ class AutoClipState(NamedTuple):
   """
 
   norms: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
 
 
 def _window_percentile(norms: jax.Array, count: jax.Array, percentile: jax.Array) -> jax.Array:
@@ -316,7 +316,7 @@ class ZClipState(NamedTuple):
     var: likewise, the running (population) variance, then its EMA.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
   mean: jax.Array
   var: jax.Array
 
@@ -444,7 +444,7 @@ class EmaRatioState(NamedTuple):
       exponential moving average of the clipped norms.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
   ema: jax.Array
 
 

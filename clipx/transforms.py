@@ -19,7 +19,7 @@ Numerics shared by every scope (see ``DESIGN.md``):
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import chex
 import jax
@@ -32,7 +32,7 @@ from clipx import norms
 from clipx.stats import ClipStats, init_clip_stats
 from clipx.thresholds import ThresholdPolicy, as_policy, check_positive
 
-Threshold = float | jax.Array | optax.Schedule | ThresholdPolicy
+Threshold: TypeAlias = float | jax.Array | optax.Schedule | ThresholdPolicy
 
 
 class GlobalNormClipState(NamedTuple):
@@ -40,7 +40,9 @@ class GlobalNormClipState(NamedTuple):
 
   stats: ClipStats
   threshold_state: Any
-  clipx_kind = "global"
+
+
+GlobalNormClipState.clipx_kind = "global"  # type: ignore[attr-defined]
 
 
 class LayerNormClipState(NamedTuple):
@@ -48,7 +50,9 @@ class LayerNormClipState(NamedTuple):
 
   stats: ClipStats
   threshold_state: Any
-  clipx_kind = "layer"
+
+
+LayerNormClipState.clipx_kind = "layer"  # type: ignore[attr-defined]
 
 
 class AdaptiveGradClipState(NamedTuple):
@@ -56,7 +60,9 @@ class AdaptiveGradClipState(NamedTuple):
 
   stats: ClipStats
   threshold_state: Any
-  clipx_kind = "agc"
+
+
+AdaptiveGradClipState.clipx_kind = "agc"  # type: ignore[attr-defined]
 
 
 class ValueClipState(NamedTuple):
@@ -64,7 +70,9 @@ class ValueClipState(NamedTuple):
 
   stats: ClipStats
   threshold_state: Any
-  clipx_kind = "value"
+
+
+ValueClipState.clipx_kind = "value"  # type: ignore[attr-defined]
 
 
 def clip_decision(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -427,7 +435,7 @@ def adaptive_grad_clip(
 
     g_norms, p_norms = lax.cond(all_finite, common, fallback, stacks)
 
-    out = [None] * len(leaves)
+    out: list[Any] = [None] * len(leaves)
     unit_norms, unit_clipped_norms, any_clipped = [], [], []
     for bucket, g_norm, p_norm in zip(buckets, g_norms, p_norms):
       max_norm = ratio * jnp.maximum(p_norm, eps)
