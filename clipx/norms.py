@@ -33,6 +33,8 @@ SMALL_LEAF_SIZE = 1 << 14
 
 def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
   """The dtype norms of ``dtype`` arrays accumulate in: float32 or wider."""
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    return jnp.dtype(jnp.float32)  # integer leaves are rejected where they are clipped
   real = jnp.finfo(dtype).dtype  # complex64 -> float32
   return jnp.promote_types(real, jnp.float32)
 
@@ -132,7 +134,7 @@ def _scaled_leaf_norms(leaves: Sequence[jax.Array], dtype) -> tuple[jax.Array, j
     factor = (1 / safe_m).reshape((-1,) + (1,) * (x.ndim - 1))
     # Multiply by 1/m (exact for powers of two, otherwise within an ulp) and
     # not divide: the scaled values are <= 1 so their squares cannot overflow.
-    s = jnp.sum(_abs_sq(x.astype(dtype) * factor, dtype), axis=axes)
+    s = jnp.sum(_abs_sq(x.astype(jnp.promote_types(x.dtype, dtype)) * factor, dtype), axis=axes)
     # An infinite element has an infinite norm (inf * 0 would give NaN).
     s = jnp.where(jnp.isinf(m), jnp.inf, s)
     return jnp.stack([m, jnp.sqrt(s)], axis=1)
@@ -149,11 +151,11 @@ def safe_vector_norm(values: jax.Array, segment_ids=None, num_segments=1) -> jax
   """
   if segment_ids is None:
     m = jnp.max(values, initial=0.0)
-    safe_m = jnp.where(m > 0, m, 1)
+    safe_m = jnp.where((m > 0) & jnp.isfinite(m), m, 1)
     return m * jnp.sqrt(jnp.sum(jnp.square(values / safe_m)))
   m = jax.ops.segment_max(values, segment_ids, num_segments)
-  m = jnp.where(jnp.isfinite(m) | jnp.isnan(m), m, 0)  # empty segment: -inf
-  safe_m = jnp.where(m > 0, m, 1)
+  m = jnp.where(m == -jnp.inf, 0, m)  # an empty segment's max is -inf
+  safe_m = jnp.where((m > 0) & jnp.isfinite(m), m, 1)
   s = jax.ops.segment_sum(jnp.square(values / safe_m[segment_ids]), segment_ids, num_segments)
   return m * jnp.sqrt(s)
 
@@ -192,9 +194,9 @@ def group_norms(
     if axis_name is None:
       return safe_vector_norm(m * s, segment_ids, num_segments)
     # Across shards: factor out each group's largest magnitude over all shards.
-    group_m = jnp.where(num_segments > 0, jax.ops.segment_max(m, segment_ids, num_segments), 0)
-    group_m = lax.pmax(jnp.where(jnp.isfinite(group_m) | jnp.isnan(group_m), group_m, 0), axis_name)
-    safe_m = jnp.where(group_m > 0, group_m, 1)
+    group_m = jax.ops.segment_max(m, segment_ids, num_segments)
+    group_m = lax.pmax(jnp.where(group_m == -jnp.inf, 0, group_m), axis_name)
+    safe_m = jnp.where((group_m > 0) & jnp.isfinite(group_m), group_m, 1)
     local = jax.ops.segment_sum(jnp.square(m / safe_m[segment_ids] * s), segment_ids, num_segments)
     return group_m * jnp.sqrt(lax.psum(local, axis_name))
 

@@ -338,7 +338,11 @@ def _unit_sq_norms(stacked: jax.Array, axes: tuple[int, ...], dtype) -> jax.Arra
 def _unit_norms_scaled(stacked: jax.Array, axes: tuple[int, ...], dtype) -> jax.Array:
   m = jnp.max(jnp.abs(stacked).astype(dtype), axis=axes, keepdims=True)
   safe_m = jnp.where(m > 0, m, 1)
-  s = jnp.sum(norms._abs_sq(stacked.astype(dtype) * (1 / safe_m), dtype), axis=axes, keepdims=True)
+  s = jnp.sum(
+    norms._abs_sq(stacked.astype(jnp.promote_types(stacked.dtype, dtype)) * (1 / safe_m), dtype),
+    axis=axes,
+    keepdims=True,
+  )
   return jnp.where(jnp.isinf(m), jnp.inf, m * jnp.sqrt(s))
 
 
@@ -388,7 +392,9 @@ def adaptive_grad_clip(
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(
+        "clipx.adaptive_grad_clip needs params: call tx.update(updates, state, params)."
+      )
     check_same_structure(updates, params, "adaptive_grad_clip")
     leaves = norms.check_float_leaves(updates)
     param_leaves = norms.check_float_leaves(params, "params")
@@ -425,7 +431,11 @@ def adaptive_grad_clip(
         def unit_norm(x, axes):
           m = lax.pmax(jnp.max(jnp.abs(x).astype(dtype), axis=axes, keepdims=True), axis_name)
           safe_m = jnp.where(m > 0, m, 1)
-          s = jnp.sum(norms._abs_sq(x.astype(dtype) / safe_m, dtype), axis=axes, keepdims=True)
+          s = jnp.sum(
+            norms._abs_sq(x.astype(jnp.promote_types(x.dtype, dtype)) / safe_m, dtype),
+            axis=axes,
+            keepdims=True,
+          )
           return jnp.where(jnp.isinf(m), jnp.inf, m * jnp.sqrt(lax.psum(s, axis_name)))
 
       return (
@@ -460,7 +470,7 @@ def adaptive_grad_clip(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def clip_by_value(max_abs: Threshold) -> optax.GradientTransformation:
+def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.GradientTransformation:
   """Clips every element of the updates to ``[-max_abs, max_abs]``.
 
   Value clipping changes the direction of the update; prefer a norm scope
@@ -469,6 +479,10 @@ def clip_by_value(max_abs: Threshold) -> optax.GradientTransformation:
   Args:
     max_abs: the bound: a positive float, an Optax schedule, or a policy (which
       then sees the largest magnitude of each step as its "norm").
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis the updates are
+      sharded over. Clipping is element-wise and needs no communication, but
+      the largest magnitude (the stats, and what a policy sees) is then the
+      maximum over all shards (one ``pmax``), so every shard keeps the same state.
 
   Returns:
     An ``optax.GradientTransformation``; its stats' ``norm`` is the largest
@@ -498,6 +512,8 @@ def clip_by_value(max_abs: Threshold) -> optax.GradientTransformation:
       if leaves
       else jnp.zeros((), dtype)
     )
+    if axis_name is not None:
+      largest = lax.pmax(largest, axis_name)
     threshold, threshold_state = policy.update(largest, state.threshold_state)
     threshold = threshold.astype(dtype)
     clipped = (largest > threshold) & jnp.isfinite(largest)

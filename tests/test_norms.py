@@ -1,0 +1,80 @@
+"""clipx.global_norm and group norms against numpy in float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clipx
+from clipx import norms
+
+
+def _np_norm(tree) -> float:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves)))
+
+
+def test_matches_numpy_on_mixed_tree():
+  key = jax.random.PRNGKey(0)
+  k1, k2, k3 = jax.random.split(key, 3)
+  tree = {
+    "big": jax.random.normal(k1, (300, 200)),  # above SMALL_LEAF_SIZE: reduced alone
+    "small": [jax.random.normal(k2, (16,)), jax.random.normal(k3, (16,)), jnp.arange(5.0)],
+    "matrix": jnp.ones((4, 4)),
+  }
+  assert tree["big"].size > norms.SMALL_LEAF_SIZE
+  np.testing.assert_allclose(float(clipx.global_norm(tree)), _np_norm(tree), rtol=1e-6)
+  np.testing.assert_allclose(float(jax.jit(clipx.global_norm)(tree)), _np_norm(tree), rtol=1e-6)
+
+
+def test_float16_no_overflow():
+  tree = {"a": jnp.full(1000, 30.0, jnp.float16)}
+  norm = clipx.global_norm(tree)
+  assert norm.dtype == jnp.float32
+  np.testing.assert_allclose(float(norm), 30.0 * np.sqrt(1000), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_huge_finite_values_take_the_scaled_branch(dtype):
+  # 1000 * (1e20)^2 = 1e43 overflows float32; the fallback factors out the max.
+  tree = {"a": jnp.full(1000, 1e20, dtype), "b": jnp.ones((3, 3), dtype)}
+  expected = np.sqrt(1000 * float(jnp.asarray(1e20, dtype)) ** 2 + 9)
+  np.testing.assert_allclose(float(jax.jit(clipx.global_norm)(tree)), expected, rtol=1e-5)
+
+
+def test_fallback_keeps_small_leaves_exact():
+  # One huge leaf forces the fallback; every leaf is scaled by its own max.
+  tree = [jnp.full(10, 3e19), jnp.array([3.0, 4.0])]
+  groups = norms.group_norms(jax.tree_util.tree_leaves(tree), np.array([0, 1]), 2)
+  np.testing.assert_allclose(np.asarray(groups), [3e19 * np.sqrt(10), 5.0], rtol=1e-6)
+
+
+def test_nonfinite_input_propagates():
+  assert np.isnan(float(clipx.global_norm({"a": jnp.array([1.0, jnp.nan])})))
+  assert float(clipx.global_norm({"a": jnp.array([1.0, jnp.inf])})) == np.inf
+
+
+def test_group_norms_match_numpy():
+  leaves = [jnp.arange(i + 1.0) for i in range(6)] + [jnp.ones((200, 100))]
+  ids = np.array([0, 0, 1, 2, 2, 1, 0])
+  result = norms.group_norms(leaves, ids, 3)
+  expected = [
+    np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x, g in zip(leaves, ids) if g == k))
+    for k in range(3)
+  ]
+  np.testing.assert_allclose(np.asarray(result), expected, rtol=1e-6)
+
+
+def test_empty_tree_and_zero_tree():
+  assert float(clipx.global_norm({})) == 0.0
+  assert float(clipx.global_norm({"a": jnp.zeros(3)})) == 0.0
+
+
+def test_complex_leaves():
+  x = jnp.array([3 + 4j, 1j], jnp.complex64)
+  np.testing.assert_allclose(float(clipx.global_norm(x)), np.sqrt(25 + 1), rtol=1e-6)
+
+
+def test_integer_leaf_raises_type_error_naming_path():
+  with pytest.raises(TypeError, match=r"\['step'\]"):
+    clipx.global_norm({"w": jnp.ones(2), "step": jnp.ones(2, jnp.int32)})
