@@ -394,8 +394,11 @@ def zclip(
     raise ValueError(f"clipx.zclip: mode must be one of {_ZCLIP_MODES}, got {mode!r}.")
 
   def init(norm):
-    zeros = jnp.zeros(jnp.shape(norm), _stat_dtype(norm))
-    return ZClipState(count=jnp.zeros(jnp.shape(norm), jnp.int32), mean=zeros, var=zeros)
+    shape, dtype = jnp.shape(norm), _stat_dtype(norm)
+    # Distinct buffers: a state holding one array twice cannot be donated to jit.
+    return ZClipState(
+      count=jnp.zeros(shape, jnp.int32), mean=jnp.zeros(shape, dtype), var=jnp.zeros(shape, dtype)
+    )
 
   def update(norm, state):
     dtype = state.mean.dtype

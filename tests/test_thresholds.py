@@ -335,6 +335,18 @@ def test_checkpoint_round_trip_gives_the_same_next_update(tmp_path):
   assert np.all(clipx.stats(new_state)["layer"].clipped)  # autoclip cut the spike
 
 
+def test_states_can_be_donated_to_jit():
+  # Training loops donate the optimizer state; a state holding one buffer
+  # twice fails there ("Attempt to donate the same buffer twice").
+  tx = optax.chain(*[clipx.clip_by_global_norm(make()) for make in POLICIES.values()])
+  params = {"w": jnp.ones(3)}
+  update = jax.jit(tx.update, donate_argnums=1)
+  state = tx.init(params)
+  for _ in range(2):
+    _, state = update({"w": jnp.ones(3)}, state, params)
+  jax.block_until_ready(state)
+
+
 def test_hyperparameters_change_at_run_time_without_retracing():
   # history is injected too: a traced value, while the window length comes from the state.
   def make(percentile, z_threshold, history):
