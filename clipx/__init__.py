@@ -14,6 +14,8 @@ from clipx.guards import (
   skip_spikes,
 )
 from clipx.norms import global_norm
+from clipx.per_example import PerExampleClipState, PerExampleGrad, clipped_grad
+from clipx.privacy import AddNoiseState, add_noise
 from clipx.stats import ClipStats, SkipStats, StatsReport, stats
 from clipx.thresholds import (
   AutoClipState,
@@ -45,11 +47,14 @@ __version__ = "0.1.0"
 
 __all__ = [
   "AdaptiveGradClipState",
+  "AddNoiseState",
   "AutoClipState",
   "ClipStats",
   "EmaRatioState",
   "GlobalNormClipState",
   "LayerNormClipState",
+  "PerExampleClipState",
+  "PerExampleGrad",
   "QuantileState",
   "SkipNonfiniteState",
   "SkipSpikesState",
@@ -59,6 +64,7 @@ __all__ = [
   "ValueClipState",
   "ZClipState",
   "adaptive_grad_clip",
+  "add_noise",
   "all_finite",
   "as_policy",
   "autoclip",
@@ -66,6 +72,7 @@ __all__ = [
   "clip_by_layer_norm",
   "clip_by_value",
   "clip_tree",
+  "clipped_grad",
   "ema_ratio",
   "global_norm",
   "layer_groups",
