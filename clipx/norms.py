@@ -19,6 +19,7 @@ Compile time is part of the contract (users jit trees of hundreds of leaves):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -204,7 +205,7 @@ def group_norms(
   return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, list(leaves))
 
 
-def global_norm(tree, *, axis_name=None) -> jax.Array:
+def global_norm(tree: Any, *, axis_name: Any = None) -> jax.Array:
   """Overflow-safe global L2 norm of a pytree, accumulated in float32.
 
   Unlike ``optax.tree.norm``, the sum of squares never overflows on finite
