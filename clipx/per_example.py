@@ -80,7 +80,7 @@ def _batch_size(batch: chex.ArrayTree) -> int:
   leaves = jax.tree_util.tree_leaves_with_path(batch)
   if not leaves:
     raise ValueError("clipx.clipped_grad: the batch has no arrays.")
-  size = None
+  size: Any = None  # the first leaf's leading dimension, once seen
   for path, leaf in leaves:
     shape = jnp.shape(leaf)
     where = jax.tree_util.keystr(path) or "<root>"
