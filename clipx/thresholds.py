@@ -265,11 +265,11 @@ def autoclip(
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, MLSP 2020.
 
   Example:
-    >>> import jax.numpy as jnp, clipx
+    >>> import jax, jax.numpy as jnp, clipx
     >>> policy = clipx.autoclip(percentile=50, history=4, warmup_steps=2)
-    >>> state = policy.init(jnp.zeros(()))
+    >>> state, update = policy.init(jnp.zeros(())), jax.jit(policy.update)
     >>> for norm in [1.0, 2.0, 3.0, 10.0]:
-    ...   threshold, state = policy.update(jnp.float32(norm), state)
+    ...   threshold, state = update(jnp.float32(norm), state)
     >>> float(threshold)  # median of 1, 2, 3
     2.0
   """
@@ -377,12 +377,12 @@ def zclip(
     <https://arxiv.org/abs/2504.02507>`_, 2025.
 
   Example:
-    >>> import jax.numpy as jnp, clipx
+    >>> import jax, jax.numpy as jnp, clipx
     >>> policy = clipx.zclip(warmup_steps=4, mode="clip_to_max")
-    >>> state = policy.init(jnp.zeros(()))
+    >>> state, update = policy.init(jnp.zeros(())), jax.jit(policy.update)
     >>> for norm in [1.0, 3.0, 1.0, 3.0]:  # mean 2, std 1
-    ...   _, state = policy.update(jnp.float32(norm), state)
-    >>> threshold, state = policy.update(jnp.float32(100.0), state)
+    ...   _, state = update(jnp.float32(norm), state)
+    >>> threshold, state = update(jnp.float32(100.0), state)
     >>> float(threshold)  # 2 + 2.5 * 1
     4.5
   """
@@ -489,12 +489,12 @@ def ema_ratio(
     (``olmo/optim.py``).
 
   Example:
-    >>> import jax.numpy as jnp, clipx
+    >>> import jax, jax.numpy as jnp, clipx
     >>> policy = clipx.ema_ratio(ratio=2.0, warmup_steps=2)
-    >>> state = policy.init(jnp.zeros(()))
+    >>> state, update = policy.init(jnp.zeros(())), jax.jit(policy.update)
     >>> for norm in [1.0, 3.0]:  # EMA starts at their mean, 2
-    ...   _, state = policy.update(jnp.float32(norm), state)
-    >>> threshold, state = policy.update(jnp.float32(50.0), state)
+    ...   _, state = update(jnp.float32(norm), state)
+    >>> threshold, state = update(jnp.float32(50.0), state)
     >>> float(threshold), round(float(state.ema), 4)  # EMA moves with the clipped norm, 4
     (4.0, 2.1)
   """
@@ -571,11 +571,11 @@ def quantile(
     <https://arxiv.org/abs/1905.03871>`_, NeurIPS 2021.
 
   Example:
-    >>> import jax.numpy as jnp, clipx
+    >>> import jax, jax.numpy as jnp, clipx
     >>> policy = clipx.quantile(target_quantile=0.5, learning_rate=0.2, initial=1.0)
     >>> state = policy.init(jnp.zeros(()))
     >>> norms = jnp.array([0.5, 0.7, 2.0, 3.0])  # per-example: half unclipped
-    >>> threshold, state = policy.update(norms, state)
+    >>> threshold, state = jax.jit(policy.update)(norms, state)
     >>> float(threshold), float(state.threshold)  # b = 0.5 = target: no change
     (1.0, 1.0)
   """
