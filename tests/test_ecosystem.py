@@ -4,6 +4,9 @@ Every test checks numbers against an independent computation (numpy, or the
 formula), not only that the combination runs.
 """
 
+import re
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -293,3 +296,14 @@ def test_stats_keys_are_stable_through_wrappers(wrapper):
   assert set(logged) == expected
   assert all(type(value) is float for value in logged.values())
   assert (logged["clip/global/norm"], logged["clip/global/clipped_norm"]) == (5.0, 1.0)
+
+
+# ---------------------------------------------------------------- documentation
+
+
+def test_api_reference_documents_every_public_name():
+  # docs/api.md lists the API by concern, one `::: clipx.name` per name; a new
+  # name must be added there (mkdocs build --strict fails on a removed one).
+  api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+  documented = set(re.findall(r"^::: clipx\.(\w+)$", api, re.MULTILINE))
+  assert set(clipx.__all__) - documented == set(), "add these to docs/api.md"
