@@ -172,7 +172,7 @@ def clip_by_global_norm(
     >>> tx = optax.chain(clipx.clip_by_global_norm(1.0), optax.sgd(0.1))
     >>> params = {"w": jnp.zeros(2)}
     >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
-    >>> updates["w"]
+    >>> updates["w"].round(4)  # (3, 4) / 5 * 0.1; float32 rounding shows in the last digit
     Array([-0.06, -0.08], dtype=float32)
   """
   policy = as_policy(max_norm, "max_norm")
