@@ -58,7 +58,9 @@ def _select_step(keep, new_updates, new_state, old_state):
   return updates, state
 
 
-def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def skip_nonfinite(
+  inner: optax.GradientTransformation, *, axis_name: Any = None
+) -> optax.GradientTransformationExtraArgs:
   """Skips the step (zero update, inner state unchanged) when updates hold NaN/Inf.
 
   Unlike ``optax.apply_if_finite`` this has no limit after which bad steps are
@@ -67,6 +69,10 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
   Args:
     inner: the optimizer to protect, e.g. ``optax.chain(clipx..., optax.sgd(...))``.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis the updates are
+      sharded over: a NaN on one shard then skips the step on every shard (one
+      all-reduce of a flag). Without it each shard would decide alone, and the
+      shards' parameters and optimizer states would drift apart.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` wrapping ``inner``.
@@ -92,6 +98,8 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
   def update_fn(updates, state, params=None, **extra_args):
     finite = all_finite(updates)
+    if axis_name is not None:
+      finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
     new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
     new_updates, inner_state = _select_step(finite, new_updates, new_inner, state.inner_state)
     skipped = jnp.logical_not(finite)
