@@ -116,10 +116,16 @@ def per_example_norms(leaves: list[jax.Array], segment_ids: np.ndarray, num_grou
   sq = jax.vmap(norms.leaf_sq_norms)(leaves)  # (b, leaves)
   sq = jax.ops.segment_sum(sq.T, segment_ids, num_groups).T  # (b, groups)
 
+  dtype = norms._common_dtype(leaves)
+
   def fallback(leaves):
-    # Rare (some example's sum of squares overflowed, or is NaN/Inf): the
-    # vmapped library norm runs both of its branches here, which is fine.
-    return jax.vmap(lambda ls: norms.group_norms(ls, segment_ids, num_groups))(leaves)
+    # Rare (some example's sum of squares overflowed, or is NaN/Inf): each
+    # leaf's norm with its largest magnitude factored out, as in group_norms.
+    def one_example(example_leaves):
+      m, s = norms._scaled_leaf_norms(example_leaves, dtype)
+      return norms.safe_vector_norm(m * s, segment_ids, num_groups)
+
+    return jax.vmap(one_example)(leaves)
 
   return lax.cond(jnp.all(jnp.isfinite(sq)), lambda _: jnp.sqrt(sq), fallback, leaves)
 
