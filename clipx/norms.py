@@ -161,6 +161,26 @@ def safe_vector_norm(values: jax.Array, segment_ids=None, num_segments=1) -> jax
   return m * jnp.sqrt(s)
 
 
+def _merge_small_leaves(leaves: Sequence[jax.Array], dtype) -> list[jax.Array]:
+  """Large leaves as they are, plus all small leaves raveled into one vector.
+
+  For a single norm over the tree, one concatenation (a copy of only the small
+  leaves) replaces a reduction per small leaf: the number of operations, and so
+  the compile time, no longer grows with the number of small leaves of distinct
+  shapes. Large leaves are never copied.
+  """
+  small = [x for x in leaves if x.size <= SMALL_LEAF_SIZE]
+  if len(small) < 2:
+    return list(leaves)
+  large = [x for x in leaves if x.size > SMALL_LEAF_SIZE]
+
+  def flat(x):
+    # Magnitudes keep complex leaves' norms; real leaves need no abs.
+    return (jnp.abs(x) if jnp.iscomplexobj(x) else x).astype(dtype).reshape(-1)
+
+  return large + [jnp.concatenate([flat(x) for x in small])]
+
+
 def group_norms(
   leaves: Sequence[jax.Array],
   segment_ids: np.ndarray,
@@ -183,6 +203,9 @@ def group_norms(
   """
   segment_ids = np.asarray(segment_ids, dtype=np.int32)
   dtype = _common_dtype(leaves)
+  if num_segments == 1:
+    leaves = _merge_small_leaves(leaves, dtype)
+    segment_ids = np.zeros(len(leaves), np.int32)
   sq = jax.ops.segment_sum(leaf_sq_norms(leaves), segment_ids, num_segments)
   if axis_name is not None:
     sq = lax.psum(sq, axis_name)
