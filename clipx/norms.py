@@ -203,7 +203,11 @@ def group_norms(
   """
   segment_ids = np.asarray(segment_ids, dtype=np.int32)
   dtype = _common_dtype(leaves)
-  if num_segments == 1:
+  # Only on one device: concatenating leaves that are split over devices makes
+  # XLA all-gather them (an FSDP step gathered whole conv and head kernels, a
+  # tensor-parallel one both MLP kernels; tests/test_distributed.py), so with
+  # several devices every leaf keeps its own reduction and only scalars move.
+  if num_segments == 1 and jax.device_count() == 1:
     leaves = _merge_small_leaves(leaves, dtype)
     segment_ids = np.zeros(len(leaves), np.int32)
   sq = jax.ops.segment_sum(leaf_sq_norms(leaves), segment_ids, num_segments)
