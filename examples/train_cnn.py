@@ -49,7 +49,10 @@ if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples import cnn, data  # noqa: E402
 
-CLIPS = ("none", "value", "global", "layer", "agc", "autoclip", "zclip")
+# The first seven are the documented contract; ema_ratio and quantile are the
+# other adaptive policies clipx offers, all with their default settings.
+CLIPS = ("none", "value", "global", "layer", "agc", "autoclip", "zclip", "ema_ratio", "quantile")
+ADAPTIVE = ("autoclip", "zclip", "ema_ratio", "quantile")
 
 # What --max-norm means for each --clip, and its default when not given.
 # AGC's bound is a ratio of gradient to parameter norm (the paper uses 0.01 to 0.16).
@@ -70,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default=None,
     help="threshold: the norm bound for global/layer, the element bound for value, the"
     " gradient/parameter norm ratio for agc (defaults: global 1.0, layer 1.0, value 0.1,"
-    " agc 0.05); autoclip and zclip learn theirs",
+    " agc 0.05); the adaptive policies (autoclip, zclip, ema_ratio, quantile) learn theirs",
   )
   parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (peak)")
   parser.add_argument(
@@ -104,7 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.epochs < 1 or args.batch_size < 1 or args.inject_spikes < 0 or args.max_steps < 0:
     parser.error("--epochs and --batch-size must be >= 1, --inject-spikes and --max-steps >= 0")
-  if args.max_norm is not None and args.clip in ("none", "autoclip", "zclip"):
+  if args.max_norm is not None and args.clip in ("none", *ADAPTIVE):
     parser.error(f"--max-norm has no meaning with --clip {args.clip}")
   if args.max_norm is not None and not args.max_norm > 0:
     parser.error(f"--max-norm must be positive, got {args.max_norm}")
@@ -159,7 +162,7 @@ def make_optimizer(
     scope = clipx.clip_by_layer_norm(max_norm, group="module")
   elif clip == "agc":
     scope = clipx.adaptive_grad_clip(max_norm)
-  elif clip in ("autoclip", "zclip"):
+  elif clip in ADAPTIVE:
     scope = clipx.clip_by_global_norm(adaptive_policy(clip))
   else:
     raise ValueError(f"unknown --clip {clip!r}; choose one of {', '.join(CLIPS)}")
@@ -500,13 +503,13 @@ def plot_training(results: dict[str, Any], path: Path) -> None:
     scope = np.array([np.nan if t is None else t for t in results["scope_norm"]], float)
     ax.plot(steps, scope, lw=0.8, label="largest layer norm (pre-clip)")
     ax.plot(steps, threshold, "k--", lw=1, label="per-layer threshold")
-  elif clip in ("global", "autoclip", "zclip"):
+  elif clip in ("global", *ADAPTIVE):
     ax.plot(steps, threshold, "k--", lw=1, label=f"threshold ({clip})")
   elif clip in ("value", "agc"):
     what = "element bound" if clip == "value" else "gradient/parameter ratio"
     ax.set_title(f"({clip}: threshold {config['max_norm']:g} is a {what}, not a norm)")
   clipped = np.array(results["clipped"], bool)
-  if clipped.any() and clip in ("global", "autoclip", "zclip"):
+  if clipped.any() and clip in ("global", *ADAPTIVE):
     norms = np.asarray(results["grad_norm"], float)
     ax.plot(steps[clipped], norms[clipped], "r.", ms=3, label="clipped steps")
   ax.set(xlabel="step", ylabel="norm", yscale="log")
