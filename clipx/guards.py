@@ -15,7 +15,7 @@ import optax
 
 from clipx import norms
 from clipx.stats import SkipStats
-from clipx.thresholds import check_positive
+from clipx.thresholds import check_positive, concrete_float
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -147,11 +147,14 @@ def skip_spikes(
     Learning <https://arxiv.org/abs/2304.09871>`_, 2023.
   """
   check_positive("factor", factor)
-  if not factor > 1:
+  # Traced values (inside optax.inject_hyperparams under jit) cannot be checked.
+  factor_value, decay_value = concrete_float(factor), concrete_float(decay)
+  warmup_value = concrete_float(warmup_steps)
+  if factor_value is not None and not factor_value > 1:
     raise ValueError(f"clipx.skip_spikes: factor must be > 1, got {factor!r}.")
-  if not 0 < decay < 1:
+  if decay_value is not None and not 0 < decay_value < 1:
     raise ValueError(f"clipx.skip_spikes: decay must be in (0, 1), got {decay!r}.")
-  if int(warmup_steps) < 0:
+  if warmup_value is not None and not warmup_value >= 0:
     raise ValueError(f"clipx.skip_spikes: warmup_steps must be >= 0, got {warmup_steps!r}.")
   inner = optax.with_extra_args_support(inner)
 

@@ -56,11 +56,11 @@ class SkipStats(NamedTuple):
 
 def init_clip_stats(shape: tuple[int, ...] = (), dtype=jnp.float32) -> ClipStats:
   """All-zero ``ClipStats`` for a norm of the given shape."""
-  zeros = jnp.zeros(shape, dtype)
+  # Separate buffers: a donated state must not hold one buffer twice.
   return ClipStats(
-    norm=zeros,
-    clipped_norm=zeros,
-    threshold=zeros,
+    norm=jnp.zeros(shape, dtype),
+    clipped_norm=jnp.zeros(shape, dtype),
+    threshold=jnp.zeros(shape, dtype),
     scale=jnp.ones(shape, dtype),
     clipped=jnp.zeros(shape, jnp.bool_),
     clip_count=jnp.zeros(shape, jnp.int32),
