@@ -182,3 +182,47 @@ def test_pmap_axis_name_equals_the_formula(results):
   run = results["pmap"]
   assert run["norm"] > 1  # clipped
   assert run["update_err"] <= RTOL and run["norm_err"] <= RTOL, run
+
+
+# --- examples/train_cnn.py: its data-parallel mesh on 8 devices vs. one device. ---
+
+
+def test_cnn_example_on_8_devices_trains_as_on_one(results):
+  runs = results["cnn_example"]
+  eight, one = runs["eight"], runs["one"]
+  assert eight["devices"].startswith("8 devices") and one["devices"].startswith("1 device")
+  assert eight["steps"] == one["steps"] == 30
+  assert eight["clip_rate"] > 0  # the clipping norm is part of what is compared
+  # The same batches; only the order of the batch-mean reduction differs.
+  for key in ("step_loss", "grad_norm"):
+    worst = max(abs(a - b) / abs(b) for a, b in zip(eight[key], one[key], strict=True))
+    assert worst <= 1e-5, (key, worst)
+  assert abs(eight["test_accuracy"] - one["test_accuracy"]) <= 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+  not os.environ.get("CLIPX_SLOW"),
+  reason="two CNN trainings of 3 epochs (about 1 minute of CPU each); CLIPX_SLOW=1 runs it",
+)
+def test_cnn_example_full_run_same_test_accuracy_on_8_devices_and_1(tmp_path):
+  accuracy = {}
+  for devices in (8, 1):
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    out = tmp_path / str(devices)
+    subprocess.run(
+      [sys.executable, "examples/train_cnn.py", "--epochs", "3", "--quiet", "--out", str(out)],
+      check=True,
+      env=env,
+      cwd=HERE.parent,
+      timeout=900,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["devices"].startswith(f"{devices} device")
+    accuracy[devices] = metrics["test_accuracy"]
+  assert accuracy[8] > 0.9, accuracy
+  assert abs(accuracy[8] - accuracy[1]) <= 0.01, accuracy
