@@ -190,10 +190,17 @@ class PerExampleGrad:
       sums = []
       for leaf, group in zip(leaves, ids):
         wide = jnp.promote_types(leaf.dtype, dtype)
-        w = weight[:, group].astype(wide).reshape((-1,) + (1,) * (leaf.ndim - 1))
-        # A fused multiply-and-reduce, not a dot: a dot would run at reduced
-        # precision (TF32/bfloat16 passes) by default on GPU and TPU.
-        sums.append(jnp.sum(leaf.astype(wide) * w, axis=0))
+        # A dot over the example axis: on CPU it ran faster than a multiply
+        # and a sum over the leading axis. HIGHEST precision, or GPUs and TPUs
+        # would take TF32/bfloat16 passes by default.
+        sums.append(
+          jnp.tensordot(
+            weight[:, group].astype(wide),
+            leaf.astype(wide),
+            axes=1,
+            precision=lax.Precision.HIGHEST,
+          )
+        )
       return sums, (norm, clipped, scale, aux)
 
     if self._chunk_size is None or self._chunk_size >= batch_size:
