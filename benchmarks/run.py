@@ -1,0 +1,505 @@
+"""Speed, compile time and memory of clipx against Optax and PyTorch: ``python benchmarks/run.py``.
+
+Every figure is a ratio measured side by side in one run: the cases of a
+table run interleaved, round after round, so load from other processes on a
+shared machine hits them alike. Each row reports the median and the minimum
+time per step over the rounds, and its ratio to the row it is compared with
+(median over median, min over min). Absolute times are noise on a shared CPU;
+the ratios are the numbers to trust.
+
+Cases (all jitted with donated buffers and timed to ``block_until_ready``):
+
+- optimizer step (``tx.update`` + ``optax.apply_updates``) on a
+  ResNet-50-shaped tree: 161 leaves, 25.6M parameters (conv kernels, batch
+  norm scales and biases, fc), in float32 and in bfloat16; PyTorch
+  ``SGD(foreach=True)`` with and without ``clip_grad_norm_`` where torch is
+  installed (it is optional, never a dependency);
+- compile time (``jit(...).lower(...).compile()`` after
+  ``jax.clear_caches()``) of the optimizer step on a 1000-leaf tree,
+  500 x {w: 16x16, b: 16};
+- the whole train step (gradient and update) of ``examples/cnn.py``;
+- extra temporary memory of clipping: XLA's compiled ``memory_analysis()``
+  temp size of each step against the unclipped one.
+
+The tables and the targets of issue 6 are printed and written to this
+script's section of ``benchmarks/README.md`` (``--no-readme`` to skip);
+``--quick`` runs a scaled-down version in seconds (the CI smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import clipx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # examples/ is not installed
+
+from examples import cnn  # noqa: E402
+
+README = ROOT / "benchmarks" / "README.md"
+BEGIN, END = "<!-- run:begin -->", "<!-- run:end -->"
+
+LR, MOMENTUM = 0.01, 0.9
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="small trees, few rounds (CI smoke)")
+  parser.add_argument("--rounds", type=int, default=None, help="timing rounds per table")
+  parser.add_argument("--iters", type=int, default=None, help="steps per case per round")
+  parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+  return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def resnet50_shapes(width_divisor: int = 1) -> dict[str, tuple[int, ...]]:
+  """Leaf shapes of ResNet-50 (HWIO conv kernels, BN scale/bias, fc): 161 leaves, 25.56M.
+
+  ``width_divisor`` narrows every layer (for ``--quick``).
+  """
+  d = width_divisor
+  shapes: dict[str, tuple[int, ...]] = {}
+
+  def conv_bn(name, k, cin, cout):
+    shapes[f"{name}/conv"] = (k, k, cin, cout)
+    shapes[f"{name}/bn_scale"] = (cout,)
+    shapes[f"{name}/bn_bias"] = (cout,)
+
+  conv_bn("stem", 7, 3, 64 // d)
+  cin = 64 // d
+  for stage, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+    width //= d
+    for block in range(blocks):
+      name = f"stage{stage}/block{block}"
+      conv_bn(f"{name}/a", 1, cin, width)
+      conv_bn(f"{name}/b", 3, width, width)
+      conv_bn(f"{name}/c", 1, width, 4 * width)
+      if block == 0:
+        conv_bn(f"{name}/proj", 1, cin, 4 * width)
+      cin = 4 * width
+  shapes["fc/kernel"] = (cin, 1000)
+  shapes["fc/bias"] = (1000,)
+  return shapes
+
+
+def random_tree(shapes: dict[str, tuple[int, ...]], dtype, seed: int, scale: float = 1.0):
+  rng = np.random.default_rng(seed)
+  return {
+    k: jnp.asarray((scale * rng.standard_normal(s, np.float32)).astype(dtype))
+    for k, s in shapes.items()
+  }
+
+
+def layer_tree(num_layers: int) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+  """The compile-time tree: ``num_layers`` x {w: 16x16, b: 16} (abstract, never allocated)."""
+  return {
+    f"layer{i:04d}": {
+      "w": jax.ShapeDtypeStruct((16, 16), jnp.float32),
+      "b": jax.ShapeDtypeStruct((16,), jnp.float32),
+    }
+    for i in range(num_layers)
+  }
+
+
+# --------------------------------------------------------------------------- chains
+
+
+def sgd() -> optax.GradientTransformation:
+  return optax.sgd(LR, momentum=MOMENTUM)
+
+
+def chains() -> dict[str, optax.GradientTransformation]:
+  """The optimizer rows: each clipping method chained before SGD with momentum."""
+  return {
+    "sgd-momentum alone": sgd(),
+    "optax.clip_by_global_norm + sgd": optax.chain(optax.clip_by_global_norm(1.0), sgd()),
+    "clipx.clip_by_global_norm + sgd": optax.chain(clipx.clip_by_global_norm(1.0), sgd()),
+    "clipx global, autoclip + sgd": optax.chain(
+      clipx.clip_by_global_norm(clipx.autoclip(percentile=10, initial=1.0)), sgd()
+    ),
+    "clipx global, zclip + sgd": optax.chain(
+      clipx.clip_by_global_norm(clipx.zclip(initial=1.0)), sgd()
+    ),
+    "clipx.clip_by_layer_norm + sgd": optax.chain(clipx.clip_by_layer_norm(1.0), sgd()),
+    "optax.adaptive_grad_clip + sgd": optax.chain(optax.adaptive_grad_clip(0.01), sgd()),
+    "clipx.adaptive_grad_clip + sgd": optax.chain(clipx.adaptive_grad_clip(0.01), sgd()),
+    "optax.clip (value) + sgd": optax.chain(optax.clip(0.01), sgd()),
+    "clipx.clip_by_value + sgd": optax.chain(clipx.clip_by_value(0.01), sgd()),
+  }
+
+
+# The rows each row is compared with in the "vs" column.
+BASELINE = {
+  "optax.clip_by_global_norm + sgd": "sgd-momentum alone",
+  "clipx.clip_by_global_norm + sgd": "optax.clip_by_global_norm + sgd",
+  "clipx global, autoclip + sgd": "clipx.clip_by_global_norm + sgd",
+  "clipx global, zclip + sgd": "clipx.clip_by_global_norm + sgd",
+  "clipx.clip_by_layer_norm + sgd": "clipx.clip_by_global_norm + sgd",
+  "optax.adaptive_grad_clip + sgd": "sgd-momentum alone",
+  "clipx.adaptive_grad_clip + sgd": "optax.adaptive_grad_clip + sgd",
+  "optax.clip (value) + sgd": "sgd-momentum alone",
+  "clipx.clip_by_value + sgd": "optax.clip (value) + sgd",
+  "torch clip_grad_norm_ + SGD": "torch SGD(foreach) alone",
+  "cnn step, clipx global clip": "cnn step, no clipping",
+  "cnn step, optax global clip": "cnn step, no clipping",
+}
+
+
+def optimizer_step(tx: optax.GradientTransformation):
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Case:
+  """A compiled step that runs in place: its outputs are its next inputs (donated)."""
+
+  def __init__(self, compiled, state: tuple, extra: tuple):
+    self.compiled, self.state, self.extra = compiled, state, extra
+
+  def __call__(self) -> None:
+    self.state = self.compiled(*self.state, *self.extra)
+
+  def block(self) -> None:
+    jax.block_until_ready(self.state)
+
+
+class TorchCase:
+  def __init__(self, params, clip: bool):
+    import torch
+
+    self.torch, self.params, self.clip = torch, params, clip
+    self.optimizer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=True)
+
+  def __call__(self) -> None:
+    if self.clip:
+      self.torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+    self.optimizer.step()
+
+  def block(self) -> None:
+    pass  # eager CPU: each call has finished when it returns
+
+
+def time_cases(cases: dict[str, Callable], rounds: int, iters: int) -> dict[str, list[float]]:
+  """Seconds per step of every case in every round; cases interleaved within a round."""
+  for case in cases.values():  # warm up (first call after compile, allocator)
+    case()
+    case.block()
+  times: dict[str, list[float]] = {name: [] for name in cases}
+  for r in range(rounds):
+    names = list(cases)
+    if r % 2:
+      names.reverse()  # neither end of a round is always first
+    for name in names:
+      case = cases[name]
+      start = time.perf_counter()
+      for _ in range(iters):
+        case()
+      case.block()
+      times[name].append((time.perf_counter() - start) / iters)
+  return times
+
+
+def temp_bytes(compiled) -> int | None:
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # some backends return no analysis
+    return None
+
+
+def optimizer_cases(shapes, dtype, with_torch: bool, memory: dict[str, int | None]):
+  """Compiled in-place optimizer steps for every chain (and torch), on one shared gradient."""
+  grads = random_tree(shapes, dtype, seed=1)
+  cases: dict[str, Callable] = {}
+  for name, tx in chains().items():
+    params = random_tree(shapes, dtype, seed=0, scale=0.05)
+    opt_state = tx.init(params)
+    jitted = jax.jit(optimizer_step(tx), donate_argnums=(0, 1))
+    compiled = jitted.lower(params, opt_state, grads).compile()
+    memory[name] = temp_bytes(compiled)
+    cases[name] = Case(compiled, (params, opt_state), (grads,))
+  if with_torch:
+    import torch
+
+    torch_dtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16}[dtype]
+    np_grads = random_tree(shapes, np.float32, seed=1)
+    for name, clip in (("torch SGD(foreach) alone", False), ("torch clip_grad_norm_ + SGD", True)):
+      params = []
+      for key, value in random_tree(shapes, np.float32, seed=0, scale=0.05).items():
+        p = torch.nn.Parameter(torch.from_numpy(np.asarray(value)).to(torch_dtype))
+        p.grad = torch.from_numpy(np.asarray(np_grads[key])).to(torch_dtype)
+        params.append(p)
+      cases[name] = TorchCase(params, clip)
+  return cases
+
+
+def cnn_cases(batch_size: int, memory: dict[str, int | None]):
+  apply_fn, params = cnn.init(10, (8, 8, 1), seed=0)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random((batch_size, 8, 8, 1), np.float32))
+  labels = jnp.asarray(rng.integers(0, 10, batch_size).astype(np.int32))
+  txs = {
+    "cnn step, no clipping": sgd(),
+    "cnn step, clipx global clip": optax.chain(clipx.clip_by_global_norm(1.0), sgd()),
+    "cnn step, optax global clip": optax.chain(optax.clip_by_global_norm(1.0), sgd()),
+  }
+  cases: dict[str, Callable] = {}
+  for name, tx in txs.items():
+
+    def step(params, opt_state, images, labels, tx=tx):
+      loss_fn = lambda weights: cnn.cross_entropy(apply_fn(weights, images), labels)
+      grads = jax.grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    p = jax.tree.map(jnp.array, params)
+    opt_state = tx.init(p)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(p, opt_state, images, labels).compile()
+    memory[name] = temp_bytes(compiled)
+    cases[name] = Case(compiled, (p, opt_state), (images, labels))
+  return cases
+
+
+def compile_times(num_layers: int, rounds: int) -> dict[str, list[float]]:
+  tree = layer_tree(num_layers)
+  txs = {
+    name: tx
+    for name, tx in chains().items()
+    if name
+    in (
+      "sgd-momentum alone",
+      "optax.clip_by_global_norm + sgd",
+      "clipx.clip_by_global_norm + sgd",
+      "optax.adaptive_grad_clip + sgd",
+      "clipx.adaptive_grad_clip + sgd",
+      "clipx.clip_by_layer_norm + sgd",
+    )
+  }
+  states = {name: jax.eval_shape(tx.init, tree) for name, tx in txs.items()}
+  times: dict[str, list[float]] = {name: [] for name in txs}
+  for r in range(rounds):
+    names = list(txs) if r % 2 == 0 else list(reversed(txs))
+    for name in names:
+      jax.clear_caches()  # a real compile, not a cache hit
+      start = time.perf_counter()
+      step = jax.jit(optimizer_step(txs[name]), donate_argnums=(0, 1))
+      step.lower(tree, states[name], tree).compile()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ratio(times, name, base) -> tuple[float, float]:
+  """(median ratio, min ratio) of ``name`` over ``base``."""
+  med = statistics.median(times[name]) / statistics.median(times[base])
+  return med, min(times[name]) / min(times[base])
+
+
+def time_table(times, unit: str, scale: float, memory=None) -> str:
+  header = f"| case | median {unit} | min {unit} | vs | ratio (median / min) |"
+  lines = [header, "|---|---:|---:|---|---:|"]
+  if memory is not None:
+    lines[0] += " temp MiB |"
+    lines[1] += "---:|"
+  for name, t in times.items():
+    base = BASELINE.get(name)
+    if base in times:
+      med, low = ratio(times, name, base)
+      vs, r = base, f"{med:.2f}x / {low:.2f}x"
+    else:
+      vs, r = "", ""
+    line = f"| {name} | {statistics.median(t) * scale:.1f} | {min(t) * scale:.1f} | {vs} | {r} |"
+    if memory is not None:
+      mem = memory.get(name)
+      line += " - |" if mem is None else f" {mem / 2**20:.1f} |"
+    lines.append(line)
+  return "\n".join(lines)
+
+
+def targets_table(results) -> str:
+  """The targets of issue 6 against the measured (median / min) ratios."""
+  f32, cnn_t, comp = results["float32"], results["cnn"], results["compile"]
+  mem = results["memory"]
+  rows = []
+
+  def add(what, target, times, name, base):
+    if name not in times or base not in times:
+      rows.append(f"| {what} | <= {target:.2f}x | not measured | - |")
+      return
+    med, low = ratio(times, name, base)
+    met = "yes" if med <= target else "no"
+    rows.append(f"| {what} | <= {target:.2f}x | {med:.2f}x / {low:.2f}x | {met} |")
+
+  g = "clipx.clip_by_global_norm + sgd"
+  add("global clip + sgd / sgd, ResNet-50 f32", 1.25, f32, g, "sgd-momentum alone")
+  add("clipx global + sgd / optax same chain", 1.00, f32, g, "optax.clip_by_global_norm + sgd")
+  add(
+    "clipx AGC + sgd / optax AGC + sgd",
+    0.85,
+    f32,
+    "clipx.adaptive_grad_clip + sgd",
+    "optax.adaptive_grad_clip + sgd",
+  )
+  add(
+    "clipx global + sgd / torch clip_grad_norm_ + SGD", 0.55, f32, g, "torch clip_grad_norm_ + SGD"
+  )
+  add("autoclip / fixed global clip", 1.03, f32, "clipx global, autoclip + sgd", g)
+  add("zclip / fixed global clip", 1.03, f32, "clipx global, zclip + sgd", g)
+  leaves = results["compile_leaves"]
+  add(f"compile, {leaves} leaves, global clip + sgd / sgd", 1.5, comp, g, "sgd-momentum alone")
+  add(
+    f"compile, {leaves} leaves, AGC + sgd / sgd",
+    2.0,
+    comp,
+    "clipx.adaptive_grad_clip + sgd",
+    "sgd-momentum alone",
+  )
+  add(
+    "CNN step with global clip / without",
+    1.03,
+    cnn_t,
+    "cnn step, clipx global clip",
+    "cnn step, no clipping",
+  )
+  base = mem.get("sgd-momentum alone")
+  extra = (
+    [(mem[n] - base) / 2**20 for n in chains() if "clipx" in n and mem.get(n) is not None]
+    if base is not None
+    else []
+  )
+  if extra:
+    worst = max(extra)
+    grad_mib = results["grad_bytes"] / 2**20
+    met = "yes" if worst < 0.1 * grad_mib else "no"
+    rows.append(
+      f"| extra temp memory of clipx clipping, ResNet-50 f32 | none of gradient size"
+      f" ({grad_mib:.0f} MiB) | at most {worst:.1f} MiB | {met} |"
+    )
+  return "\n".join(
+    ["| target | bound | measured (median / min) | met |", "|---|---|---|---|", *rows]
+  )
+
+
+def versions() -> str:
+  parts = [f"jax {jax.__version__}", f"optax {optax.__version__}"]
+  try:
+    import torch
+
+    parts.append(f"torch {torch.__version__}")
+  except ImportError:
+    parts.append("torch not installed")
+  parts.append(f"{platform.machine()} {jax.devices()[0].platform}, {jax.device_count()} device(s)")
+  return ", ".join(parts)
+
+
+def update_readme(report: str) -> None:
+  section = f"{BEGIN}\n{report}\n{END}"
+  text = README.read_text() if README.exists() else "# Benchmarks\n"
+  if BEGIN in text and END in text:
+    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+  else:
+    text = text.rstrip("\n") + "\n\n" + section + "\n"
+  README.write_text(text)
+
+
+def main(argv=None) -> str:
+  args = parse_args(argv)
+  quick = args.quick
+  rounds = args.rounds or (1 if quick else 9)
+  iters = args.iters or (1 if quick else 5)
+  with_torch = not args.no_torch
+  if with_torch:
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      with_torch = False
+  shapes = resnet50_shapes(16 if quick else 1)
+  if quick:  # the stem and two convs: every kind of leaf, compiled in seconds
+    shapes = dict(list(shapes.items())[:9])
+  num_params = sum(int(np.prod(s)) for s in shapes.values())
+  results: dict = {"grad_bytes": 4 * num_params}
+
+  sections = []
+  dtypes = (
+    ((jnp.float32, "float32"),) if quick else ((jnp.float32, "float32"), (jnp.bfloat16, "bfloat16"))
+  )
+  for dtype, label in dtypes:
+    memory: dict[str, int | None] = {}
+    cases = optimizer_cases(shapes, dtype, with_torch, memory)
+    times = time_cases(cases, rounds, iters)
+    del cases
+    results[label] = times
+    if label == "float32":
+      results["memory"] = memory
+    title = (
+      f"### Optimizer step, {'truncated ' if quick else ''}ResNet-50-shaped tree, {label}"
+      f" ({len(shapes)} leaves, {num_params / 1e6:.2f}M parameters)"
+    )
+    sections.append(f"{title}\n\n{time_table(times, 'ms', 1e3, memory)}")
+    print(sections[-1] + "\n", flush=True)
+
+  memory = {}
+  times = time_cases(cnn_cases(32 if quick else 128, memory), rounds, iters if quick else 4 * iters)
+  results["cnn"] = times
+  sections.append(
+    f"### Whole train step, `examples/cnn.py` CNN, batch {32 if quick else 128} of 8x8x1\n\n"
+    + time_table(times, "ms", 1e3, memory)
+  )
+  print(sections[-1] + "\n", flush=True)
+
+  num_layers = 3 if quick else 500
+  times = compile_times(num_layers, 1 if quick else 3)
+  results["compile"] = times
+  results["compile_leaves"] = 2 * num_layers
+  sections.append(
+    f"### Compile time, {2 * num_layers} leaves ({num_layers} x {{w: 16x16, b: 16}})\n\n"
+    + time_table(times, "s", 1.0)
+  )
+  print(sections[-1] + "\n", flush=True)
+
+  targets = "### Targets (issue 6)\n\n" + targets_table(results)
+  print(targets + "\n", flush=True)
+  command = "python benchmarks/run.py" + (" --quick" if quick else "")
+  report = "\n\n".join(
+    [
+      "## Clipping speed, compile time and memory",
+      f"`{command}`, {datetime.date.today().isoformat()}: {versions()}. "
+      f"{rounds} rounds of {iters} steps per case (compile: one per round), interleaved; "
+      "ratio = median over median / min over min. Temp MiB: XLA's compiled "
+      "`memory_analysis().temp_size_in_bytes` of the step.",
+      targets,
+      *sections,
+    ]
+  )
+  if not args.no_readme:
+    update_readme(report)
+    print(f"updated {README.relative_to(ROOT)}")
+  return report
+
+
+if __name__ == "__main__":
+  main()
