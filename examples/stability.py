@@ -149,15 +149,45 @@ def high_lr(args: argparse.Namespace, dataset) -> list[dict[str, Any]]:
 
 
 def spikes(args: argparse.Namespace, dataset) -> list[dict[str, Any]]:
-  """Rows with the norm and threshold traces, at ``--spike-lr`` with injected spikes."""
+  """Rows with the norm and threshold traces, at ``--spike-lr`` with injected spikes.
+
+  No clipping and the fixed threshold 1.0 (``train_cnn.py``'s default) share
+  one compiled step (a threshold sweep); each adaptive policy is a
+  ``train_cnn`` run.
+  """
+  thresholds = np.array([np.inf, 1.0], np.float32)
+  fixed = threshold_sweep.sweep(
+    thresholds,
+    dataset,
+    mode="loop",
+    lr=args.spike_lr,
+    epochs=args.spike_epochs,
+    batch_size=args.batch_size,
+    seed=args.seed,
+    max_steps=args.max_steps,
+    inject_spikes=args.spike_every,
+  )
   rows = []
-  for clip in ["none", "global", *args.policies]:
+  for i, threshold in enumerate(thresholds):
+    rows.append(
+      {
+        "name": "none" if math.isinf(threshold) else f"global {threshold:g}",
+        "kind": "none" if math.isinf(threshold) else "fixed",
+        "test_accuracy": fixed["test_accuracy"][i],
+        "clip_rate": fixed["clip_rate"][i],
+        "diverged": fixed["diverged"][i],
+        "step_loss": fixed["step_loss"][i],
+        "grad_norm": fixed["grad_norm"][i],
+        "threshold": [None if math.isinf(threshold) else float(threshold)] * fixed["steps"],
+      }
+    )
+  for policy in args.policies:
     if not args.quiet:
-      print(f"spikes: {clip} ...", flush=True)
+      print(f"spikes: {policy} ...", flush=True)
     result = run_cnn(
       args,
       dataset,
-      clip,
+      policy,
       "--lr",
       str(args.spike_lr),
       "--epochs",
@@ -167,8 +197,8 @@ def spikes(args: argparse.Namespace, dataset) -> list[dict[str, Any]]:
     )
     rows.append(
       {
-        "name": "global 1" if clip == "global" else clip,
-        "kind": {"none": "none", "global": "fixed"}.get(clip, "adaptive"),
+        "name": policy,
+        "kind": "adaptive",
         "test_accuracy": result["test_accuracy"],
         "clip_rate": result["clip_rate"],
         "diverged": result["diverged"],

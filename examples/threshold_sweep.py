@@ -98,7 +98,9 @@ def thresholds_of(args: argparse.Namespace) -> np.ndarray:
 
 
 def make_step(apply_fn, lr, momentum: float):
-  """``(params, opt_state, images, labels, threshold) -> (params, opt_state, loss, clipped)``.
+  """``(params, opt_state, images, labels, threshold) -> (params, opt_state, loss, norm, clipped)``.
+
+  ``norm`` is the pre-clip global gradient norm, ``clipped`` whether it was clipped.
 
   The optimizer is built inside the traced function from the traced
   ``threshold``; a constant threshold keeps no state of its own, so the state
@@ -114,8 +116,8 @@ def make_step(apply_fn, lr, momentum: float):
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer(threshold).update(grads, opt_state, params)
-    clipped = clipx.stats(opt_state)["global"].clipped
-    return optax.apply_updates(params, updates), opt_state, loss, clipped
+    stats = clipx.stats(opt_state)["global"]
+    return optax.apply_updates(params, updates), opt_state, loss, stats.norm, stats.clipped
 
   return step, optimizer(1.0).init
 
@@ -154,14 +156,16 @@ def sweep(
   batch_size: int = 32,
   seed: int = 0,
   max_steps: int = 0,
+  inject_spikes: int = 0,
 ) -> dict[str, Any]:
   """Trains one CNN per threshold; returns per-threshold results and timings.
 
   Returns:
     ``{"test_accuracy", "clip_rate", "train_loss" (per epoch), "step_loss"
-    (per step), "diverged"}``, each one entry per threshold, and ``compile_seconds`` (train and eval
-    steps, lowered and compiled ahead of time) and ``run_seconds`` (the
-    training and evaluation loop after compiling).
+    and "grad_norm" (per step), "diverged"}``, each one entry per threshold,
+    and ``compile_seconds`` (train and eval steps, lowered and compiled ahead
+    of time) and ``run_seconds`` (the training and evaluation loop after
+    compiling).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -208,18 +212,23 @@ def sweep(
   rng = np.random.default_rng(seed)
   losses = [[[] for _ in models] for _ in range(epochs)]
   clipped = [[] for _ in models]
+  grad_norms = [[] for _ in models]
   step_count = 0
   for epoch in range(epochs):
     order = rng.permutation(len(x_train))
     for i in range(steps_per_epoch):
       index = order[i * batch_size : (i + 1) * batch_size]
-      batch = jax.device_put((x_train[index], y_train[index]))
+      images = x_train[index]
+      step_count += 1
+      if inject_spikes and step_count % inject_spikes == 0:
+        images = images * train_cnn.SPIKE_FACTOR  # as train_cnn.py --inject-spikes
+      batch = jax.device_put((images, y_train[index]))
       for m, threshold in enumerate(threshold_args):
-        params_m, state_m, loss, was_clipped = train_exe(*models[m], *batch, threshold)
+        params_m, state_m, loss, norm, was_clipped = train_exe(*models[m], *batch, threshold)
         models[m] = (params_m, state_m)
         losses[epoch][m].append(loss)
+        grad_norms[m].append(norm)
         clipped[m].append(was_clipped)
-      step_count += 1
       if max_steps and step_count >= max_steps:
         break
     if max_steps and step_count >= max_steps:
@@ -229,7 +238,7 @@ def sweep(
   for batch in padded_batches(x_test, y_test, eval_batch):
     device_batch = jax.device_put(batch)
     correct += np.concatenate([np.atleast_1d(eval_exe(p, *device_batch)) for p, _ in models])
-  losses, clipped = jax.device_get((losses[:epochs], clipped))
+  losses, clipped, grad_norms = jax.device_get((losses[:epochs], clipped, grad_norms))
   run_seconds = time.perf_counter() - start
 
   def per_model(values):  # lists of per-model scalars (loop) or (count,) arrays (vmap)
@@ -244,6 +253,7 @@ def sweep(
     "train_loss": train_loss.T.tolist(),
     "diverged": (~np.isfinite(all_losses).all(0)).tolist(),
     "step_loss": all_losses.T.tolist(),
+    "grad_norm": per_model(grad_norms).T.tolist(),
     "steps": step_count,
     "compile_seconds": compile_seconds,
     "run_seconds": run_seconds,
