@@ -5,5 +5,5 @@ import os
 from hypothesis import settings
 
 # Hypothesis examples each compile a small program; keep the suite fast.
-settings.register_profile("clipx", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("clipx", max_examples=12, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "clipx"))
