@@ -17,8 +17,10 @@ batched becomes a ``select`` that runs *both* branches for every example, so
 the rare scaled recomputation (a max and a second sum of squares over every
 per-example gradient) would be paid on every step. Here the per-example sums
 of squares are computed batched, and one scalar ``lax.cond`` for the whole
-chunk decides whether any of them overflowed; only then is the fallback run.
-``benchmarks/per_example.py`` measures the difference.
+chunk decides whether any of them overflowed; only then is the fallback run,
+and it recomputes the chunk's gradients rather than taking them as operands
+(see :func:`per_example_norms`). ``benchmarks/per_example.py`` measures the
+difference.
 """
 
 from __future__ import annotations
@@ -101,13 +103,24 @@ def _batch_size(batch: chex.ArrayTree) -> int:
   return int(size)
 
 
-def per_example_norms(leaves: list[jax.Array], segment_ids: np.ndarray, num_groups: int):
+def per_example_norms(
+  leaves: list[jax.Array],
+  segment_ids: np.ndarray,
+  num_groups: int,
+  *,
+  recompute: tuple[Callable[[Any], list[jax.Array]], Any] | None = None,
+) -> jax.Array:
   """Overflow-safe norms of each example's groups of leaves, shape ``(b, num_groups)``.
 
   Args:
     leaves: per-example gradients, each of shape ``(b, ...)``.
     segment_ids: the static group of each leaf.
     num_groups: number of groups.
+    recompute: optional ``(fn, operands)`` with ``fn(operands) == leaves``.
+      The overflow branch then recomputes the gradients from the (small)
+      operands instead of receiving them: with the per-example gradients as
+      ``lax.cond`` operands XLA copied them, and the unchunked clipped step ran
+      about 25% slower on CPU (measured on the digits CNN at batch 256).
 
   Returns:
     Float32 (or wider) norms; one scalar ``lax.cond`` guards the whole batch.
@@ -115,19 +128,19 @@ def per_example_norms(leaves: list[jax.Array], segment_ids: np.ndarray, num_grou
   # Sums of squares of every (example, leaf): one read of each gradient.
   sq = jax.vmap(norms.leaf_sq_norms)(leaves)  # (b, leaves)
   sq = jax.ops.segment_sum(sq.T, segment_ids, num_groups).T  # (b, groups)
-
   dtype = norms._common_dtype(leaves)
+  fn, operands = recompute if recompute is not None else (lambda x: x, leaves)
 
-  def fallback(leaves):
+  def fallback(operands):
     # Rare (some example's sum of squares overflowed, or is NaN/Inf): each
     # leaf's norm with its largest magnitude factored out, as in group_norms.
     def one_example(example_leaves):
       m, s = norms._scaled_leaf_norms(example_leaves, dtype)
       return norms.safe_vector_norm(m * s, segment_ids, num_groups)
 
-    return jax.vmap(one_example)(leaves)
+    return jax.vmap(one_example)(fn(operands))
 
-  return lax.cond(jnp.all(jnp.isfinite(sq)), lambda _: jnp.sqrt(sq), fallback, leaves)
+  return lax.cond(jnp.all(jnp.isfinite(sq)), lambda _: jnp.sqrt(sq), fallback, operands)
 
 
 class PerExampleGrad:
@@ -177,10 +190,15 @@ class PerExampleGrad:
 
     def chunk_fn(params, examples, valid):
       """Per-example clip of one chunk: (sums of clipped grads, per-example outputs)."""
-      out = jax.vmap(self._grad, in_axes=(None, 0))(params, examples)
-      grads, aux = out if self._has_aux else (out, None)
+
+      def gradients(operands):
+        out = jax.vmap(self._grad, in_axes=(None, 0))(*operands)
+        return out if self._has_aux else (out, None)
+
+      grads, aux = gradients((params, examples))
       leaves = norms.check_float_leaves(grads, "gradient")
-      norm = per_example_norms(leaves, ids, count)  # (b, groups)
+      recompute = (lambda operands: jax.tree.leaves(gradients(operands)[0]), (params, examples))
+      norm = per_example_norms(leaves, ids, count, recompute=recompute)  # (b, groups)
       clipped, scale = clip_decision(norm, threshold)
       # Weight of each example in the sum: its scale where clipped, 1 where not
       # (an unclipped gradient is summed as it is), 0 for padding. Padding
@@ -314,7 +332,10 @@ def clipped_grad(
     chunk_size: process this many examples at a time (``jax.lax.scan`` over
       vmapped chunks): peak memory is bounded by the chunk, not the batch. A
       batch not divisible by it is padded with masked examples. ``None``: the
-      whole batch at once.
+      whole batch at once. On CPU prefer ``chunk_size=1`` for convolutional
+      models: XLA's CPU backend runs the vmapped kernel gradient of a
+      convolution as a grouped convolution, on a slow path; one example at a
+      time ran 3-4x faster on the digits CNN (``benchmarks/per_example.py``).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``grads`` is then
       ``(grads, aux)`` with ``aux`` stacked over the batch.
 

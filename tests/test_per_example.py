@@ -1,6 +1,8 @@
 """Per-example clipping (clipx.clipped_grad) and DP noise (clipx.add_noise) against numpy."""
 
 import math
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -11,6 +13,9 @@ import pytest
 
 import clipx
 
+# The examples package of this repository (not another distribution's
+# top-level "examples", which Opacus 1.6 installs into site-packages).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # A two-layer linear model whose per-example gradients numpy computes by hand:
 # f(x) = v . (x @ W + b) + c, loss = (f - y)^2 / 2, residual r = f - y.
 IN, HIDDEN = 3, 4
@@ -443,3 +448,47 @@ def test_clipped_grad_rejects_bad_calls():
 def test_add_noise_rejects_bad_arguments(args, error):
   with pytest.raises(error):
     clipx.add_noise(*args)
+
+
+# ------------------------------------------------------------ the DP-SGD example
+
+
+def test_example_poisson_batches_mask_and_truncate():
+  from examples import dp_train_cnn
+
+  rng = np.random.default_rng(0)
+  sizes = []
+  for indices, weights in dp_train_cnn.poisson_batches(rng, 1000, 0.05, 90, steps=400):
+    used = int(weights.sum())
+    assert weights.shape == indices.shape == (90,)
+    assert np.all(weights[:used] == 1) and np.all(weights[used:] == 0)
+    assert len(set(indices[:used].tolist())) == used  # no example twice in a batch
+    sizes.append(used)
+  # Binomial(1000, 0.05): mean 50, variance 47.5; the mean of 400 within 5 standard errors.
+  assert abs(np.mean(sizes) - 50) < 5 * math.sqrt(47.5 / 400)
+  # Rate 0.5 of 100 examples, at most 10 rows: always truncated to exactly 10.
+  for indices, weights in dp_train_cnn.poisson_batches(rng, 100, 0.5, 10, steps=5):
+    assert weights.sum() == 10 and len(set(indices.tolist())) == 10
+
+
+def test_example_epsilon_matches_untruncated_poisson_accounting():
+  pytest.importorskip("dp_accounting")
+  import dp_accounting
+  from dp_accounting import pld
+
+  from examples import dp_train_cnn
+
+  # With room for the whole dataset, truncation never happens: the epsilon is
+  # that of the plain Poisson-subsampled Gaussian mechanism.
+  epsilon = dp_train_cnn.privacy_epsilon(
+    dataset_size=200, batch_size=20, max_batch=200, noise_multiplier=1.0, steps=30, delta=1e-5
+  )
+  accountant = pld.PLDAccountant()
+  event = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0))
+  accountant.compose(event, 30)
+  assert epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
+  # More noise, less privacy loss.
+  quieter = dp_train_cnn.privacy_epsilon(
+    dataset_size=200, batch_size=20, max_batch=200, noise_multiplier=2.0, steps=30, delta=1e-5
+  )
+  assert quieter < epsilon
