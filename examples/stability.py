@@ -310,7 +310,10 @@ def plot_spikes(rows: list[dict[str, Any]], path: Path, title: str, every: int) 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  dataset = data.load_dataset(args.dataset, args.data_dir)
+  try:
+    dataset = data.load_dataset(args.dataset, args.data_dir)
+  except FileNotFoundError as e:  # a missing dataset file: the message says which
+    raise SystemExit(f"error: {e}") from None
   experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

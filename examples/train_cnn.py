@@ -541,7 +541,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       + f", sgd lr {args.lr:g} momentum {args.momentum:g}",
       flush=True,
     )
-  results = train(args)
+  try:
+    results = train(args)
+  except FileNotFoundError as e:  # a missing dataset file: the message says which
+    raise SystemExit(f"error: {e}") from None
   if not args.quiet:
     print(
       f"test accuracy {results['test_accuracy']:.4f}, clip rate {results['clip_rate']:.2f},"

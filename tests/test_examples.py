@@ -219,3 +219,10 @@ def test_stability_runs_both_experiments(digits, tmp_path, monkeypatch):
   assert spikes["global 1"]["clip_rate"] > 0 and spikes["none"]["clip_rate"] == 0
   for name in ["stability.png", "spikes.png", "stability.json"]:
     assert (tmp_path / name).stat().st_size > 100
+
+
+def test_missing_dataset_file_is_a_clean_exit(tmp_path):
+  with pytest.raises(SystemExit, match=r"error: mnist: missing file train-images-idx3-ubyte"):
+    train_cnn.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--quiet"])
+  with pytest.raises(SystemExit, match=r"data_batch_1.*--data-dir"):
+    threshold_sweep.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--quiet"])
