@@ -210,6 +210,18 @@ def _group_key_fn(group: str | GroupFn) -> GroupFn:
   )
 
 
+def _strip_variable_suffix(path: tuple) -> tuple:
+  """Drops the trailing ``.value`` of a Flax NNX Variable from a key path.
+
+  ``nnx.Optimizer`` initialises the state from Variables (paths end in
+  ``.value``) but updates with plain arrays; both must give the same groups.
+  """
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+    return path[:-1]
+  return path
+
+
 def layer_groups(
   tree: chex.ArrayTree, group: str | GroupFn = "leaf"
 ) -> tuple[np.ndarray, list[str]]:
@@ -222,7 +234,7 @@ def layer_groups(
   names: list[str] = []
   leaf_ids = []
   for path, _ in jax.tree_util.tree_leaves_with_path(tree):
-    key = key_fn(path)
+    key = key_fn(_strip_variable_suffix(path))
     if key not in ids:
       ids[key] = len(ids)
       names.append(jax.tree_util.keystr(key) if isinstance(key, tuple) else str(key))
@@ -315,7 +327,7 @@ def check_same_structure(updates: chex.ArrayTree, params: chex.ArrayTree, what: 
   u = jax.tree_util.tree_leaves_with_path(updates)
   p = jax.tree_util.tree_leaves_with_path(params)
   for (u_path, u_leaf), (p_path, p_leaf) in zip(u, p):
-    if u_path != p_path:
+    if _strip_variable_suffix(u_path) != _strip_variable_suffix(p_path):
       raise ValueError(
         f"clipx.{what}: params do not match updates: updates have"
         f" {jax.tree_util.keystr(u_path)} where params have {jax.tree_util.keystr(p_path)}."

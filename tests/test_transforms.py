@@ -332,3 +332,34 @@ def test_chain_multisteps_and_masked(name):
   chex.assert_trees_all_equal(out["dense"], grads["dense"])
   assert float(jnp.abs(out["conv"]["kernel"]).max()) < float(jnp.abs(grads["conv"]["kernel"]).max())
   assert name in clipx.stats(mstate)
+
+
+def test_module_groups_are_the_same_for_nnx_variables_and_plain_arrays():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class TwoLayers(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(3, 4, rngs=rngs)
+      self.b = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.a(x)))
+
+  model = TwoLayers(nnx.Rngs(0))
+  variables = nnx.state(model, nnx.Param)  # paths end in .value
+  plain = jax.tree.map(lambda v: v, nnx.to_pure_dict(variables))
+  ids_variables, names = clipx.layer_groups(variables, "module")
+  ids_plain, _ = clipx.layer_groups(plain, "module")
+  assert names == ["['a']", "['b']"]
+  np.testing.assert_array_equal(ids_variables, ids_plain)
+
+  optimizer = nnx.Optimizer(
+    model,
+    optax.chain(clipx.clip_by_layer_norm(0.01, group="module"), optax.sgd(0.1)),
+    wrt=nnx.Param,
+  )
+  grads = nnx.grad(lambda m: (m(jnp.ones((2, 3))) ** 2).sum())(model)
+  optimizer.update(model, grads)
+  report = clipx.stats(optimizer.opt_state)["layer"]
+  assert report.norm.shape == (2,)
+  np.testing.assert_allclose(np.asarray(report.clipped_norm), [0.01, 0.01], rtol=1e-6)
