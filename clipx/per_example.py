@@ -166,7 +166,7 @@ class PerExampleGrad:
 
   def __call__(
     self, params: optax.Params, batch: chex.ArrayTree, state: PerExampleClipState | None = None
-  ):
+  ) -> tuple[Any, ...]:
     """``(grads, stats)``, or ``(grads, stats, state)`` when ``state`` is passed."""
     if state is None and not self._stateless:
       raise ValueError(
