@@ -21,16 +21,22 @@ chunk decides whether any of them overflowed; only then is the fallback run,
 and it recomputes the chunk's gradients rather than taking them as operands
 (see :func:`per_example_norms`). ``benchmarks/per_example.py`` measures the
 difference.
+
+Why convolutions are rewritten (on CPU, by default): see
+:func:`convs_as_matmuls`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -143,11 +149,131 @@ def per_example_norms(
   return lax.cond(jnp.all(jnp.isfinite(sq)), lambda _: jnp.sqrt(sq), fallback, operands)
 
 
+# Convolutions as matrix products.
+#
+# Under ``jax.vmap`` the kernel gradient of a convolution, batched over
+# examples on both operands, becomes one convolution with
+# ``feature_group_count`` = the number of examples. XLA's CPU backend has no
+# fast path for grouped convolutions: on the digits CNN the per-example step
+# ran 5x slower than one example at a time. Written as patches times a
+# matrix (im2col), the same convolution's kernel gradient is a batched matrix
+# product, which every backend runs well, and the per-example step ran 3x
+# faster than with XLA's convolution (``benchmarks/per_example.py``).
+# GPUs and TPUs have grouped convolutions in their libraries, so this is the
+# default on CPU only.
+
+# Primitives whose sub-jaxpr is a plain function call: inlined, so the
+# convolutions inside them are rewritten too.
+_CALL_PRIMITIVES = ("jit", "pjit", "closed_call", "core_call")
+
+
+def _conv_as_matmul(lhs, rhs, *, params: dict) -> jax.Array:
+  """``lax.conv_general_dilated`` (no groups, no input dilation) as patches @ kernel."""
+  lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+  strides, dilation = params["window_strides"], params["rhs_dilation"]
+  spatial = len(strides)
+  x = jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # N, spatial..., C
+  kernel = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # spatial..., I, O
+  x = lax.pad(
+    x,
+    jnp.zeros((), x.dtype),
+    [(0, 0, 0), *((lo, hi, 0) for lo, hi in params["padding"]), (0, 0, 0)],
+  )
+  window = kernel.shape[:spatial]
+  out_size = [
+    (x.shape[1 + d] - (window[d] - 1) * dilation[d] - 1) // strides[d] + 1 for d in range(spatial)
+  ]
+  columns = []
+  for offset in itertools.product(*(range(w) for w in window)):
+    start = [0, *(o * r for o, r in zip(offset, dilation)), 0]
+    limit = [
+      x.shape[0],
+      *(b + (n - 1) * s + 1 for b, n, s in zip(start[1:], out_size, strides)),
+      x.shape[-1],
+    ]
+    columns.append(lax.slice(x, start, limit, (1, *strides, 1)))
+  # Patch features run offset-major, then input channel: the row order of
+  # the (spatial..., I, O) kernel flattened to a matrix.
+  patches = jnp.concatenate(columns, axis=-1) if len(columns) > 1 else columns[0]
+  out = lax.dot_general(
+    patches,
+    kernel.reshape(-1, kernel.shape[-1]),
+    (((patches.ndim - 1,), (0,)), ((), ())),
+    precision=params["precision"],
+    preferred_element_type=params["preferred_element_type"],
+  )
+  # ``out`` is (N, spatial..., O); out_spec[i] is where logical dim i (N, C,
+  # spatial...) goes in the result.
+  axis_of = [0, spatial + 1, *range(1, spatial + 1)]
+  return jnp.transpose(out, [axis_of[out_spec.index(j)] for j in range(spatial + 2)])
+
+
+def _matmul_conv_ok(params: dict) -> bool:
+  return (
+    params["feature_group_count"] == 1
+    and params["batch_group_count"] == 1
+    and all(d == 1 for d in params["lhs_dilation"])
+  )
+
+
+def _eval_rewriting_convs(jaxpr, consts, args) -> list:
+  """Evaluates ``jaxpr``, computing each plain convolution as a matrix product."""
+  env: dict = {}
+
+  def read(var):
+    return var.val if isinstance(var, jax.extend.core.Literal) else env[var]
+
+  for var, value in zip(jaxpr.constvars, consts):
+    env[var] = value
+  for var, value in zip(jaxpr.invars, args):
+    env[var] = value
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name == "conv_general_dilated" and _matmul_conv_ok(eqn.params):
+      outvals = [_conv_as_matmul(*invals, params=eqn.params)]
+    elif name in _CALL_PRIMITIVES and isinstance(
+      eqn.params.get("jaxpr"), jax.extend.core.ClosedJaxpr
+    ):
+      closed = eqn.params["jaxpr"]
+      outvals = _eval_rewriting_convs(closed.jaxpr, closed.consts, invals)
+    else:
+      # Everything else (custom derivatives, remat, control flow) is bound
+      # as it was: correct, though convolutions inside are not rewritten.
+      bind_params = eqn.primitive.get_bind_params(eqn.params)
+      subfuns: tuple = ()
+      if isinstance(bind_params, tuple):  # older JAX returns (subfuns, params)
+        subfuns, bind_params = bind_params
+      context = getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext())
+      with context:
+        result = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+      outvals = result if eqn.primitive.multiple_results else [result]
+    for var, value in zip(eqn.outvars, outvals):
+      env[var] = value
+  return [read(v) for v in jaxpr.outvars]
+
+
+def convs_as_matmuls(fn: Callable) -> Callable:
+  """``fn`` with every ungrouped convolution computed as patches times a matrix.
+
+  The values are those of ``fn`` up to the order of floating point sums; the
+  point is the gradient under ``jax.vmap``: see the comment above.
+  """
+
+  def rewritten(*args):
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    outs = _eval_rewriting_convs(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return rewritten
+
+
 class PerExampleGrad:
   """The function :func:`clipped_grad` returns; see there."""
 
-  def __init__(self, loss_fn, policy, group, chunk_size, has_aux):
-    self._grad = jax.grad(loss_fn, has_aux=has_aux)
+  def __init__(self, loss_fn, policy, group, chunk_size, has_aux, conv_as_matmul):
+    self._loss_fn = loss_fn
+    self._conv_as_matmul = conv_as_matmul
     self._policy = policy
     self._group = group
     self._chunk_size = chunk_size
@@ -176,6 +302,11 @@ class PerExampleGrad:
       )
     param_leaves = norms.check_float_leaves(params, "params")
     dtype = norms._common_dtype(param_leaves)
+    rewrite = self._conv_as_matmul
+    if rewrite is None:
+      rewrite = jax.default_backend() == "cpu"
+    loss_fn = convs_as_matmuls(self._loss_fn) if rewrite else self._loss_fn
+    grad_fn = jax.grad(loss_fn, has_aux=self._has_aux)
     ids, count = _group_ids(params, self._group)
     shape = () if self._group is None else (count,)
     return_state = state is not None
@@ -192,7 +323,7 @@ class PerExampleGrad:
       """Per-example clip of one chunk: (sums of clipped grads, per-example outputs)."""
 
       def gradients(operands):
-        out = jax.vmap(self._grad, in_axes=(None, 0))(*operands)
+        out = jax.vmap(grad_fn, in_axes=(None, 0))(*operands)
         return out if self._has_aux else (out, None)
 
       grads, aux = gradients((params, examples))
@@ -295,6 +426,7 @@ def clipped_grad(
   group: str | GroupFn | None = None,
   chunk_size: int | None = None,
   has_aux: bool = False,
+  conv_as_matmul: bool | None = None,
 ) -> PerExampleGrad:
   """The mean over a batch of per-example gradients, each clipped first.
 
@@ -332,12 +464,19 @@ def clipped_grad(
     chunk_size: process this many examples at a time (``jax.lax.scan`` over
       vmapped chunks): peak memory is bounded by the chunk, not the batch. A
       batch not divisible by it is padded with masked examples. ``None``: the
-      whole batch at once. On CPU prefer ``chunk_size=1`` for convolutional
-      models: XLA's CPU backend runs the vmapped kernel gradient of a
-      convolution as a grouped convolution, on a slow path; one example at a
-      time ran 3-4x faster on the digits CNN (``benchmarks/per_example.py``).
+      whole batch at once. Chunks are also faster when the whole batch's
+      per-example gradients would not fit in cache: on the digits CNN on CPU,
+      chunks of 8 to 32 ran 3x faster than the whole batch of 256
+      (``benchmarks/per_example.py``).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``grads`` is then
       ``(grads, aux)`` with ``aux`` stacked over the batch.
+    conv_as_matmul: compute ``loss_fn``'s convolutions as patches times a
+      matrix (im2col), so their per-example kernel gradients are batched
+      matrix products. Under ``vmap`` XLA otherwise makes them grouped
+      convolutions, which its CPU backend runs slowly (3.5x slower per-example
+      step on the digits CNN). ``None``: on CPU only. Only ungrouped
+      convolutions without input dilation, outside custom-derivative and
+      remat regions, are rewritten; values agree to float rounding.
 
   Returns:
     A :class:`PerExampleGrad`, called as ``grad_fn(params, batch)`` or
@@ -370,6 +509,10 @@ def clipped_grad(
   if not isinstance(has_aux, (bool, np.bool_)):
     raise TypeError(f"clipx.clipped_grad: has_aux must be a bool, got {has_aux!r}.")
   _check_chunk_size(chunk_size)
+  if conv_as_matmul is not None and not isinstance(conv_as_matmul, (bool, np.bool_)):
+    raise TypeError(
+      f"clipx.clipped_grad: conv_as_matmul must be True, False or None, got {conv_as_matmul!r}."
+    )
   if group is not None:
     # Validates the argument now rather than at the first call.
     layer_groups({}, group)
@@ -381,4 +524,4 @@ def clipped_grad(
       " batch before it is known; per-example clipping takes a float, an array, an"
       " Optax schedule or clipx.quantile(...)."
     )
-  return PerExampleGrad(loss_fn, policy, group, chunk_size, bool(has_aux))
+  return PerExampleGrad(loss_fn, policy, group, chunk_size, bool(has_aux), conv_as_matmul)

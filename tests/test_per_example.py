@@ -220,6 +220,77 @@ def test_padding_does_not_leak_into_the_mean(chunk_size):
   assert int(stats.clip_count) == 1
 
 
+# ------------------------------------------------------------ convolutions as matmuls
+
+
+CONV_CASES = [
+  # (input shape, kernel shape, strides, padding, kernel dilation, dimension numbers)
+  ((2, 9, 7, 3), (3, 2, 3, 5), (1, 1), "SAME", (1, 1), ("NHWC", "HWIO", "NHWC")),
+  ((2, 9, 7, 3), (3, 3, 3, 4), (2, 3), "VALID", (1, 1), ("NHWC", "HWIO", "NCHW")),
+  ((2, 3, 10, 11), (4, 3, 3, 3), (1, 2), ((2, 0), (1, 3)), (2, 1), ("NCHW", "OIHW", "NCHW")),
+  ((2, 12, 3), (5, 3, 4), (2,), "SAME", (2,), ("NWC", "WIO", "NWC")),
+]
+
+
+def test_convs_as_matmuls_match_xla_values_and_gradients():
+  from clipx.per_example import convs_as_matmuls
+
+  rng = np.random.default_rng(0)
+  inputs = [
+    (jnp.asarray(rng.normal(size=x), jnp.float32), jnp.asarray(rng.normal(size=k), jnp.float32))
+    for x, k, *_ in CONV_CASES
+  ]
+
+  def loss(inputs):
+    total = 0.0
+    for (x, k), (_, _, strides, padding, dilation, numbers) in zip(inputs, CONV_CASES):
+      y = jax.lax.conv_general_dilated(
+        x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=numbers
+      )
+      total = total + jnp.sum(jnp.tanh(y) ** 2)
+    # A grouped convolution is left to XLA, and must still be right.
+    x, k = inputs[0][0], inputs[0][1][..., :3, :]
+    grouped = jax.lax.conv_general_dilated(
+      jnp.concatenate([x, x], -1),
+      jnp.concatenate([k, k], -1),
+      (1, 1),
+      "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=2,
+    )
+    return total + jnp.sum(grouped)
+
+  (value, grads), (expected, expected_grads) = jax.jit(
+    lambda i: (jax.value_and_grad(convs_as_matmuls(loss))(i), jax.value_and_grad(loss)(i))
+  )(inputs)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  chex.assert_trees_all_close(grads, expected_grads, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_as_matmul_gives_the_same_clipped_gradients():
+  rng = np.random.default_rng(0)
+  params = {
+    "conv": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+    "dense": jnp.asarray(rng.normal(size=(4 * 4 * 4,)), jnp.float32),
+  }
+  batch = jnp.asarray(rng.normal(size=(6, 4, 4, 2)), jnp.float32)
+
+  def loss(p, image):
+    y = jax.lax.conv_general_dilated(
+      image[None], p["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.sum(jnp.tanh(y).reshape(-1) * p["dense"])
+
+  rewritten = clipx.clipped_grad(loss, 13.0, chunk_size=4, conv_as_matmul=True)
+  plain = clipx.clipped_grad(loss, 13.0, chunk_size=4, conv_as_matmul=False)
+  (a, stats), (b, expected_stats) = jax.jit(lambda p, x: (rewritten(p, x), plain(p, x)))(
+    params, batch
+  )
+  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats.norm, expected_stats.norm, rtol=1e-5)
+  assert 0 < int(stats.clip_count) < 6  # norms here are 10 to 17: both sides exercised
+
+
 # ------------------------------------------------------------ numerics
 
 
@@ -405,6 +476,7 @@ def test_zero_noise_is_identity():
     ({"chunk_size": True}, TypeError, "chunk_size"),
     ({"group": "layers"}, ValueError, "group"),
     ({"has_aux": "yes"}, TypeError, "has_aux"),
+    ({"conv_as_matmul": "auto"}, TypeError, "conv_as_matmul"),
     ({"max_norm": -1.0}, ValueError, "max_norm"),
     ({"max_norm": 0.0}, ValueError, "max_norm"),
     ({"max_norm": float("nan")}, ValueError, "max_norm"),
