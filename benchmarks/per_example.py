@@ -14,7 +14,7 @@ inputs, 79,626 parameters) at batch 256, timed for:
   Optax's DP-SGD transformation;
 - Opacus 1.x (PyTorch, the same net, ``GradSampleModule`` + ``DPOptimizer``)
   where installed;
-- for reference, a non-private step (one batched gradient).
+- for reference, a non-private step (one batched gradient, XLA's convolutions).
 
 Variants run interleaved, round after round, and each reports its best
 round: load from other processes on a shared machine only ever adds time, so
@@ -140,7 +140,7 @@ def jax_steps(apply_fn, params, batch_size: int) -> dict[str, Callable]:
     ),
     "naive vmap + vmap(global_norm)": (jax.jit(from_grads(naive_grads)), tx.init(params)),
     "optax.contrib.dpsgd (vmap)": (jax.jit(dpsgd_step), dpsgd.init(params)),
-    "non-private step (reference)": (jax.jit(nonprivate_step), plain_sgd.init(params)),
+    "non-private step, XLA convs (reference)": (jax.jit(nonprivate_step), plain_sgd.init(params)),
   }
 
 
