@@ -30,7 +30,8 @@ class AddNoiseState(NamedTuple):
   """State of :func:`add_noise`.
 
   Attributes:
-    key: the PRNG key the next step's noise is drawn from.
+    key: the data (``jax.random.key_data``, uint32) of the PRNG key the next
+      step's noise is drawn from: plain integers, so any checkpointer saves it.
     count: steps taken so far (int32), for the privacy accountant.
   """
 
@@ -116,15 +117,16 @@ def add_noise(
   check_positive("max_norm", max_norm)
   check_positive("batch_size", batch_size)
   initial_key = _as_key(key)
+  impl = jax.random.key_impl(initial_key)
 
   def init_fn(params):
     del params
-    return AddNoiseState(key=initial_key, count=jnp.zeros([], jnp.int32))
+    return AddNoiseState(jax.random.key_data(initial_key), count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, max_norm=max_norm, **extra_args):
     del params, extra_args
     leaves, treedef = jax.tree_util.tree_flatten(updates)
-    next_key, step_key = jax.random.split(state.key)
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl=impl))
     leaf_keys = jax.random.split(step_key, max(len(leaves), 1))
     std = (
       jnp.asarray(noise_multiplier, jnp.float32)
@@ -137,6 +139,6 @@ def add_noise(
       noise = jax.random.normal(leaf_key, jnp.shape(leaf), wide)
       noisy.append((leaf.astype(wide) + std.astype(wide) * noise).astype(leaf.dtype))
     updates = jax.tree_util.tree_unflatten(treedef, noisy)
-    return updates, AddNoiseState(next_key, optax.safe_increment(state.count))
+    return updates, AddNoiseState(jax.random.key_data(next_key), optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

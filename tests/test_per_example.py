@@ -443,9 +443,12 @@ def test_noise_is_reproducible_from_the_key_and_keeps_dtype():
     grads, clipx.add_noise(1.0, 1.0, 4, 7).init(grads)
   )
   raw = clipx.add_noise(1.0, 1.0, 4, key=jax.random.PRNGKey(7))
-  b, _ = raw.update(grads, raw.init(grads))
+  b, state = raw.update(grads, raw.init(grads))
   assert a["w"].dtype == jnp.bfloat16
   chex.assert_trees_all_equal(a, b)  # an int seed and a raw key of that seed agree
+  # The state holds the key as plain uint32 data (checkpointable), split once.
+  expected_key = jax.random.key_data(jax.random.split(jax.random.key(7))[0])
+  chex.assert_trees_all_equal(state.key, expected_key)
 
 
 def test_noise_follows_an_adaptive_bound_passed_through_chain():
