@@ -450,7 +450,10 @@ def clipped_grad(
   The threshold must be known before the batch's norms are (so a chunk can be
   clipped before the next is computed): a float, an array (per group), a
   schedule, or :func:`clipx.quantile`, whose update takes the whole batch of
-  per-example norms. Other policies raise ``TypeError``.
+  per-example norms. Other policies raise ``TypeError``. With
+  :func:`clipx.quantile` the threshold moves with the exact fraction of
+  examples left unclipped, which is not private: Andrew et al. add noise to
+  that count, and its privacy cost must be accounted for separately.
 
   Args:
     loss_fn: ``loss_fn(params, example) -> loss`` (a float scalar), or
