@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--rounds", type=int, default=None, help="timing rounds per table")
   parser.add_argument("--iters", type=int, default=None, help="steps per case per round")
   parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+  parser.add_argument(
+    "--compile-rounds", type=int, default=None, help="compiles per case (slow: up to minutes)"
+  )
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
   return parser.parse_args(argv)
 
@@ -248,8 +251,8 @@ def optimizer_cases(shapes, dtype, with_torch: bool, memory: dict[str, int | Non
     for name, clip in (("torch SGD(foreach) alone", False), ("torch clip_grad_norm_ + SGD", True)):
       params = []
       for key, value in random_tree(shapes, np.float32, seed=0, scale=0.05).items():
-        p = torch.nn.Parameter(torch.from_numpy(np.asarray(value)).to(torch_dtype))
-        p.grad = torch.from_numpy(np.asarray(np_grads[key])).to(torch_dtype)
+        p = torch.nn.Parameter(torch.from_numpy(np.array(value)).to(torch_dtype))
+        p.grad = torch.from_numpy(np.array(np_grads[key])).to(torch_dtype)
         params.append(p)
       cases[name] = TorchCase(params, clip)
   return cases
@@ -472,7 +475,8 @@ def main(argv=None) -> str:
   print(sections[-1] + "\n", flush=True)
 
   num_layers = 3 if quick else 500
-  times = compile_times(num_layers, 1 if quick else 3)
+  compile_rounds = args.compile_rounds or (1 if quick else 2)
+  times = compile_times(num_layers, compile_rounds)
   results["compile"] = times
   results["compile_leaves"] = 2 * num_layers
   sections.append(
@@ -488,7 +492,8 @@ def main(argv=None) -> str:
     [
       "## Clipping speed, compile time and memory",
       f"`{command}`, {datetime.date.today().isoformat()}: {versions()}. "
-      f"{rounds} rounds of {iters} steps per case (compile: one per round), interleaved; "
+      f"{rounds} rounds of {iters} steps per case ({compile_rounds} compiles per case), "
+      "interleaved; "
       "ratio = median over median / min over min. Temp MiB: XLA's compiled "
       "`memory_analysis().temp_size_in_bytes` of the step.",
       targets,
