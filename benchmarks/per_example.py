@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +53,9 @@ from clipx import per_example
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from readme_section import write_section  # noqa: E402
+
 from examples import cnn  # noqa: E402
 
 README = ROOT / "benchmarks" / "README.md"
@@ -317,16 +319,6 @@ def targets(rates: dict[str, float], memory: dict[str, list[int]], batch_sizes) 
   return out
 
 
-def update_readme(table: str) -> None:
-  section = f"{BEGIN}\n## Per-example clipping (DP-SGD)\n\n{table}\n{END}"
-  text = README.read_text() if README.exists() else "# Benchmarks\n"
-  if BEGIN in text and END in text:
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-  else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-  README.write_text(text)
-
-
 def main() -> None:
   args = parse_args()
   apply_fn, params = cnn.init(10, (8, 8, 1), seed=0)
@@ -371,7 +363,7 @@ def main() -> None:
   table = markdown(args, rates, versions, norm_times, memory, batch_sizes)
   print(table)
   if not args.no_readme:
-    update_readme(table)
+    write_section(BEGIN, END, f"## Per-example clipping (DP-SGD)\n\n{table}", README)
     print(f"updated {README.relative_to(ROOT)}")
 
 

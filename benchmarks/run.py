@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import statistics
 import sys
 import time
@@ -47,6 +46,9 @@ import clipx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # examples/ is not installed
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported by path (the smoke test)
+
+from readme_section import write_section  # noqa: E402
 
 from examples import cnn  # noqa: E402
 
@@ -447,16 +449,6 @@ def versions() -> str:
   return ", ".join(parts)
 
 
-def update_readme(report: str) -> None:
-  section = f"{BEGIN}\n{report}\n{END}"
-  text = README.read_text() if README.exists() else "# Benchmarks\n"
-  if BEGIN in text and END in text:
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-  else:
-    text = text.rstrip("\n") + "\n\n" + section + "\n"
-  README.write_text(text)
-
-
 def main(argv=None) -> str:
   args = parse_args(argv)
   quick = args.quick
@@ -529,7 +521,7 @@ def main(argv=None) -> str:
     ]
   )
   if not args.no_readme:
-    update_readme(report)
+    write_section(BEGIN, END, report, README)
     print(f"updated {README.relative_to(ROOT)}")
   return report
 
