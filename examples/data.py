@@ -81,6 +81,14 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Arrays
   return _load_cifar10(folder)
 
 
+def load_or_exit(name: str, data_dir: str | os.PathLike | None = None) -> Arrays:
+  """:func:`load_dataset` for command-line scripts: a missing file exits with its message."""
+  try:
+    return load_dataset(name, data_dir)
+  except FileNotFoundError as e:  # the message names the file and the folders searched
+    raise SystemExit(f"error: {e}") from None
+
+
 def _check_name(name: str) -> None:
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")

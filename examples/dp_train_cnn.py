@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
   args = parse_args(argv)
 
   # Data.
-  x_train, y_train, x_test, y_test = data.load_dataset(args.dataset, args.data_dir)
+  x_train, y_train, x_test, y_test = data.load_or_exit(args.dataset, args.data_dir)
   n = len(x_train)
   rate = args.batch_size / n
   if rate > 1:

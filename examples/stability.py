@@ -105,6 +105,31 @@ def run_cnn(args: argparse.Namespace, dataset, clip: str, *extra: str) -> dict[s
   return train_cnn.train(train_cnn.parse_args(argv), dataset)
 
 
+_SUMMARY = ("test_accuracy", "clip_rate", "diverged", "step_loss")
+
+
+def _fixed_rows(thresholds: np.ndarray, fixed: dict, *, traces: bool) -> list[dict[str, Any]]:
+  """One row per threshold of a sweep (``inf`` is no clipping); with per-step traces."""
+  rows = []
+  for i, threshold in enumerate(thresholds):
+    row = {
+      "name": "none" if math.isinf(threshold) else f"global {threshold:g}",
+      "kind": "none" if math.isinf(threshold) else "fixed",
+      **{key: fixed[key][i] for key in _SUMMARY},
+    }
+    if traces:
+      row["grad_norm"] = fixed["grad_norm"][i]
+      row["threshold"] = [None if math.isinf(threshold) else float(threshold)] * fixed["steps"]
+    rows.append(row)
+  return rows
+
+
+def _policy_row(policy: str, result: dict, traces: tuple[str, ...]) -> dict[str, Any]:
+  """The row of one ``train_cnn`` run with an adaptive policy."""
+  keys = (*_SUMMARY, *traces)
+  return {"name": policy, "kind": "adaptive", **{key: result[key] for key in keys}}
+
+
 def high_lr(args: argparse.Namespace, dataset) -> list[dict[str, Any]]:
   """Rows ``{name, kind, test_accuracy, clip_rate, diverged, step_loss}`` at ``--lr``."""
   thresholds = np.array([*args.thresholds, np.inf], np.float32)
@@ -118,33 +143,12 @@ def high_lr(args: argparse.Namespace, dataset) -> list[dict[str, Any]]:
     seed=args.seed,
     max_steps=args.max_steps,
   )
-  rows = []
-  for i, threshold in enumerate(thresholds):
-    rows.append(
-      {
-        "name": "none" if math.isinf(threshold) else f"global {threshold:g}",
-        "kind": "none" if math.isinf(threshold) else "fixed",
-        "test_accuracy": fixed["test_accuracy"][i],
-        "clip_rate": fixed["clip_rate"][i],
-        "diverged": fixed["diverged"][i],
-        "step_loss": fixed["step_loss"][i],
-      }
-    )
+  rows = _fixed_rows(thresholds, fixed, traces=False)
   for policy in args.policies:
     if not args.quiet:
       print(f"high-lr: {policy} ...", flush=True)
     result = run_cnn(args, dataset, policy, "--lr", str(args.lr), "--epochs", str(args.epochs))
-    rows.append(
-      {
-        "name": policy,
-        "kind": "adaptive",
-        "test_accuracy": result["test_accuracy"],
-        "clip_rate": result["clip_rate"],
-        "diverged": result["diverged"],
-        "step_loss": result["step_loss"],
-        "threshold": result["threshold"],
-      }
-    )
+    rows.append(_policy_row(policy, result, ("threshold",)))
   return rows
 
 
@@ -167,20 +171,7 @@ def spikes(args: argparse.Namespace, dataset) -> list[dict[str, Any]]:
     max_steps=args.max_steps,
     inject_spikes=args.spike_every,
   )
-  rows = []
-  for i, threshold in enumerate(thresholds):
-    rows.append(
-      {
-        "name": "none" if math.isinf(threshold) else f"global {threshold:g}",
-        "kind": "none" if math.isinf(threshold) else "fixed",
-        "test_accuracy": fixed["test_accuracy"][i],
-        "clip_rate": fixed["clip_rate"][i],
-        "diverged": fixed["diverged"][i],
-        "step_loss": fixed["step_loss"][i],
-        "grad_norm": fixed["grad_norm"][i],
-        "threshold": [None if math.isinf(threshold) else float(threshold)] * fixed["steps"],
-      }
-    )
+  rows = _fixed_rows(thresholds, fixed, traces=True)
   for policy in args.policies:
     if not args.quiet:
       print(f"spikes: {policy} ...", flush=True)
@@ -195,18 +186,7 @@ def spikes(args: argparse.Namespace, dataset) -> list[dict[str, Any]]:
       "--inject-spikes",
       str(args.spike_every),
     )
-    rows.append(
-      {
-        "name": policy,
-        "kind": "adaptive",
-        "test_accuracy": result["test_accuracy"],
-        "clip_rate": result["clip_rate"],
-        "diverged": result["diverged"],
-        "step_loss": result["step_loss"],
-        "grad_norm": result["grad_norm"],
-        "threshold": result["threshold"],
-      }
-    )
+    rows.append(_policy_row(policy, result, ("grad_norm", "threshold")))
   return rows
 
 
@@ -310,10 +290,7 @@ def plot_spikes(rows: list[dict[str, Any]], path: Path, title: str, every: int) 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  try:
-    dataset = data.load_dataset(args.dataset, args.data_dir)
-  except FileNotFoundError as e:  # a missing dataset file: the message says which
-    raise SystemExit(f"error: {e}") from None
+  dataset = data.load_or_exit(args.dataset, args.data_dir)
   experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

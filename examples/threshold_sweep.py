@@ -310,10 +310,7 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  try:
-    dataset = data.load_dataset(args.dataset, args.data_dir)
-  except FileNotFoundError as e:  # a missing dataset file: the message says which
-    raise SystemExit(f"error: {e}") from None
+  dataset = data.load_or_exit(args.dataset, args.data_dir)
   thresholds = thresholds_of(args)
   modes = MODES if args.mode == "both" else (args.mode,)
   config = dict(

@@ -279,7 +279,7 @@ def train(
   start = time.perf_counter()
   placement = Placement()
   x_train, y_train, x_test, y_test = (
-    data.load_dataset(args.dataset, args.data_dir) if dataset is None else dataset
+    data.load_or_exit(args.dataset, args.data_dir) if dataset is None else dataset
   )
   batch_size = args.batch_size
   if batch_size % placement.count:
@@ -541,10 +541,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       + f", sgd lr {args.lr:g} momentum {args.momentum:g}",
       flush=True,
     )
-  try:
-    results = train(args)
-  except FileNotFoundError as e:  # a missing dataset file: the message says which
-    raise SystemExit(f"error: {e}") from None
+  results = train(args)
   if not args.quiet:
     print(
       f"test accuracy {results['test_accuracy']:.4f}, clip rate {results['clip_rate']:.2f},"
