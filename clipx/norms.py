@@ -125,20 +125,27 @@ def leaf_sq_norms(leaves: Sequence[jax.Array]) -> jax.Array:
   return per_leaf_reduce(leaves, lambda x: jnp.sum(_abs_sq(x, dtype), axis=_row_axes(x)))
 
 
+def max_and_scaled_norm(x: jax.Array, axes: tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
+  """``(m, r)`` over ``axes`` (kept): the largest magnitude and the norm of ``x / m``.
+
+  The norm is ``m * r``; the scaled values are <= 1, so their squares cannot
+  overflow. Used only on the rare overflow path (two reads of ``x``).
+  """
+  m = jnp.max(_abs(x, dtype), axis=axes, keepdims=True)
+  safe_m = jnp.where(m > 0, m, 1).astype(dtype)
+  # Multiply by 1/m (exact for powers of two, otherwise within an ulp) and not divide.
+  scaled = x.astype(jnp.promote_types(x.dtype, dtype)) * (1 / safe_m)
+  root = jnp.sqrt(jnp.sum(_abs_sq(scaled, dtype), axis=axes, keepdims=True))
+  # An infinite element has an infinite norm (inf * 0 would give NaN).
+  return m, jnp.where(jnp.isinf(m), jnp.inf, root)
+
+
 def _scaled_leaf_norms(leaves: Sequence[jax.Array], dtype) -> tuple[jax.Array, jax.Array]:
   """Per-leaf (max magnitude m, sqrt of sum of (x / m)^2): norm = m * that."""
 
   def rows(x):
-    axes = _row_axes(x)
-    m = jnp.max(_abs(x, dtype), axis=axes)
-    safe_m = jnp.where(m > 0, m, 1).astype(dtype)
-    factor = (1 / safe_m).reshape((-1,) + (1,) * (x.ndim - 1))
-    # Multiply by 1/m (exact for powers of two, otherwise within an ulp) and
-    # not divide: the scaled values are <= 1 so their squares cannot overflow.
-    s = jnp.sum(_abs_sq(x.astype(jnp.promote_types(x.dtype, dtype)) * factor, dtype), axis=axes)
-    # An infinite element has an infinite norm (inf * 0 would give NaN).
-    s = jnp.where(jnp.isinf(m), jnp.inf, s)
-    return jnp.stack([m, jnp.sqrt(s)], axis=1)
+    m, root = max_and_scaled_norm(x, _row_axes(x), dtype)
+    return jnp.stack([m.reshape(-1), root.reshape(-1)], axis=1)
 
   both = per_leaf_reduce(leaves, rows) if leaves else jnp.zeros((0, 2), dtype)
   return both[:, 0], both[:, 1]

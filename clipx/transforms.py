@@ -348,14 +348,8 @@ def _unit_sq_norms(stacked: jax.Array, axes: tuple[int, ...], dtype) -> jax.Arra
 
 
 def _unit_norms_scaled(stacked: jax.Array, axes: tuple[int, ...], dtype) -> jax.Array:
-  m = jnp.max(jnp.abs(stacked).astype(dtype), axis=axes, keepdims=True)
-  safe_m = jnp.where(m > 0, m, 1)
-  s = jnp.sum(
-    norms._abs_sq(stacked.astype(jnp.promote_types(stacked.dtype, dtype)) * (1 / safe_m), dtype),
-    axis=axes,
-    keepdims=True,
-  )
-  return jnp.where(jnp.isinf(m), jnp.inf, m * jnp.sqrt(s))
+  m, root = norms.max_and_scaled_norm(stacked, axes, dtype)
+  return m * root
 
 
 def adaptive_grad_clip(

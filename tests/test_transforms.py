@@ -363,3 +363,17 @@ def test_module_groups_are_the_same_for_nnx_variables_and_plain_arrays():
   report = clipx.stats(optimizer.opt_state)["layer"]
   assert report.norm.shape == (2,)
   np.testing.assert_allclose(np.asarray(report.clipped_norm), [0.01, 0.01], rtol=1e-6)
+
+
+def test_agc_overflow_fallback_matches_formula():
+  # Unit sums of squares of 1e30 overflow float32: the scaled branch must take over.
+  grads = {"w": jnp.full((4, 3), 1e30), "b": jnp.array([1e30, 2e30])}
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(2)}
+  out, state = _update(clipx.adaptive_grad_clip(0.5), grads, params)
+  # w: each column has norm 2e30 and bound 0.5 * 2; b is one unit of norm sqrt(5)e30.
+  np.testing.assert_allclose(np.asarray(out["w"]), np.full((4, 3), 0.5), rtol=1e-6)
+  b_bound = 0.5 * np.sqrt(2)
+  np.testing.assert_allclose(
+    np.asarray(out["b"]), b_bound * np.array([1, 2]) / np.sqrt(5), rtol=1e-6
+  )
+  np.testing.assert_allclose(float(state.stats.norm), np.sqrt(17) * 1e30, rtol=1e-6)
