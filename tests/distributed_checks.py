@@ -266,7 +266,7 @@ def check_jit_fsdp(mesh) -> dict[str, Any]:
     expected = reference_step(expected, g)
   sharded_params = jax.device_put(params, shardings)
   sharded_grads = [jax.device_put(g, shardings) for g in grads]
-  leaves, leaf_specs = jax.tree.leaves(params), leaves_of_specs(specs)
+  leaves = jax.tree.leaves(params)
   results = {}
   for name, tx in transforms.items():
 
@@ -292,9 +292,7 @@ def check_jit_fsdp(mesh) -> dict[str, Any]:
       "leaves": len(leaves),
       "module_groups": len(clipx.layer_groups(params, "module")[1]),
       "largest_unit_count": max(x.shape[-1] for x in leaves),
-      "smallest_kernel_shard": min(
-        x.size // DEVICES for x, s in zip(leaves, leaf_specs) if is_split(s) and x.ndim > 1
-      ),
+      "unit_count": sum(x.shape[-1] if x.ndim > 1 else 1 for x in leaves),
     }
   return results
 
@@ -408,6 +406,7 @@ def check_shard_map(mesh) -> dict[str, Any]:
     "collectives": found,
     "transforms": len(transforms),
     "largest_unit_count": max(x.shape[-1] for x in leaves),
+    "unit_count": sum(x.shape[-1] if x.ndim > 1 else 1 for x in leaves),
     "smallest_leaf_shard_of_kernels": min(x.size // DEVICES for x in leaves if x.ndim > 1),
   }
   return results
