@@ -81,6 +81,13 @@ def _buckets(leaves: Sequence[jax.Array]) -> list[list[int]]:
   return order
 
 
+def stack_bucket(leaves: Sequence[jax.Array], bucket: Sequence[int]) -> jax.Array:
+  """The leaves of one bucket stacked on a new leading axis (a reshape for one leaf)."""
+  if len(bucket) == 1:
+    return leaves[bucket[0]][None]
+  return jnp.stack([leaves[i] for i in bucket])
+
+
 def per_leaf_reduce(
   leaves: Sequence[jax.Array],
   row_fn: Callable[[jax.Array], jax.Array],
@@ -94,11 +101,7 @@ def per_leaf_reduce(
     return jnp.zeros((0,), jnp.float32)
   parts, order = [], []
   for bucket in _buckets(leaves):
-    if len(bucket) == 1:
-      stacked = leaves[bucket[0]][None]
-    else:
-      stacked = jnp.stack([leaves[i] for i in bucket])
-    parts.append(row_fn(stacked))
+    parts.append(row_fn(stack_bucket(leaves, bucket)))
     order.extend(bucket)
   values = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
   if order == list(range(len(leaves))):

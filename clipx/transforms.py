@@ -410,12 +410,8 @@ def adaptive_grad_clip(
     # after the reductions works on one vector of all units: a few kernels for
     # the whole tree instead of several per leaf (XLA CPU pays per kernel).
     buckets = norms._buckets(leaves)
-
-    def stack(xs: list[jax.Array], bucket: list[int]) -> jax.Array:
-      return xs[bucket[0]][None] if len(bucket) == 1 else jnp.stack([xs[i] for i in bucket])
-
-    g_stacks = [stack(leaves, bucket) for bucket in buckets]
-    p_stacks = [stack(param_leaves, bucket) for bucket in buckets]
+    g_stacks = [norms.stack_bucket(leaves, bucket) for bucket in buckets]
+    p_stacks = [norms.stack_bucket(param_leaves, bucket) for bucket in buckets]
     stack_axes = [tuple(a + 1 for a in unit_axes(leaves[b[0]].shape, axis)) for b in buckets]
 
     def flat(parts: list[jax.Array]) -> jax.Array:
@@ -423,7 +419,8 @@ def adaptive_grad_clip(
         return jnp.zeros((0,), dtype)
       return jnp.concatenate([x.reshape(-1) for x in parts])
 
-    g_sq = flat([_unit_sq_norms(g, axes, dtype) for g, axes in zip(g_stacks, stack_axes)])
+    g_sq_parts = [_unit_sq_norms(g, axes, dtype) for g, axes in zip(g_stacks, stack_axes)]
+    g_sq = flat(g_sq_parts)
     p_sq = flat([_unit_sq_norms(p, axes, dtype) for p, axes in zip(p_stacks, stack_axes)])
     if axis_name is not None:
       g_sq, p_sq = lax.psum((g_sq, p_sq), axis_name)
@@ -465,8 +462,8 @@ def adaptive_grad_clip(
     # Where each leaf's units sit in the vector: stacks in bucket order, leaves in stack order.
     spans: list[Any] = [None] * len(leaves)
     offset = 0
-    for bucket, axes in zip(buckets, stack_axes):
-      shape = tuple(1 if a + 1 in axes else d for a, d in enumerate(leaves[bucket[0]].shape))
+    for bucket, part in zip(buckets, g_sq_parts):
+      shape = part.shape[1:]  # a leaf's unit norms, kept dims: broadcasts against the leaf
       for i in bucket:
         spans[i] = (offset, shape)
         offset += math.prod(shape)
