@@ -29,15 +29,50 @@ from jax import lax
 
 
 def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
-  """``leaf * scale`` in float32 (or wider), cast back; ``leaf`` bit for bit where ``scale`` is 1.
+  """``leaf * scale`` in float32 (or wider), cast back to the leaf's dtype.
 
-  ``scale`` broadcasts against ``leaf`` and is at most 1 (a clip scale).
+  ``scale`` broadcasts against ``leaf`` (trailing dimensions aligned, as in
+  numpy) and is at most 1 (a clip scale). Where it is exactly 1 the product is
+  the leaf bit for bit, NaN, Inf and -0.0 included, with one exception:
+  subnormal numbers on a backend that flushes them in all arithmetic (XLA CPU
+  treats them as zero). The optimizer's own arithmetic flushes them there too,
+  so a training step is the same; tests/test_scaling.py checks both.
+
+  Why no ``select(scale < 1, leaf * scale, leaf)`` to keep those subnormals
+  in the clip's own output: on a 1000-leaf tree the select alone added ~0.35x
+  of the unclipped step's compile time (measured here), for no change in any
+  update an optimizer makes.
   """
+  # lax primitives, not jnp: each jnp function is a jitted call that tracing
+  # inlines, and this runs once per leaf; the jnp version traced a 1000-leaf
+  # tree in 1.3 s of the step's ~3 s of tracing.
+  leaf, scale = jnp.asarray(leaf), jnp.asarray(scale)
   wide = jnp.promote_types(leaf.dtype, scale.dtype)
-  scaled = (leaf.astype(wide) * scale.astype(wide)).astype(leaf.dtype)
-  # A select and not only the multiply: XLA CPU flushes subnormals in arithmetic,
-  # so x * 1.0 is not always x; an unclipped leaf must reach the optimizer unchanged.
-  return jnp.where(scale < 1, scaled, leaf)
+  dims = tuple(range(leaf.ndim - scale.ndim, leaf.ndim))
+  wide_scale = lax.broadcast_in_dim(lax.convert_element_type(scale, wide), leaf.shape, dims)
+  scaled = lax.mul(lax.convert_element_type(leaf, wide), wide_scale)
+  return lax.convert_element_type(scaled, leaf.dtype)
+
+
+def scale_tree(tree, scale: jax.Array):
+  """Every leaf of ``tree`` times the scalar ``scale``, as :func:`scale_leaf` does it.
+
+  The scale is broadcast once per leaf shape and dtype, not once per leaf:
+  fewer operations for XLA to compile on large trees of repeated shapes.
+  """
+  scale = jnp.asarray(scale)
+  broadcasts: dict[tuple, jax.Array] = {}
+
+  def scale_one(leaf):
+    leaf = jnp.asarray(leaf)
+    wide = jnp.promote_types(leaf.dtype, scale.dtype)
+    key = (leaf.shape, wide)
+    if key not in broadcasts:
+      broadcasts[key] = lax.broadcast_in_dim(lax.convert_element_type(scale, wide), leaf.shape, ())
+    scaled = lax.mul(lax.convert_element_type(leaf, wide), broadcasts[key])
+    return lax.convert_element_type(scaled, leaf.dtype)
+
+  return jax.tree.map(scale_one, tree)
 
 
 def gated_scale(clipped: jax.Array, scale: jax.Array) -> jax.Array:

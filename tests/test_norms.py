@@ -36,17 +36,24 @@ def test_float16_no_overflow():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_huge_finite_values_take_the_scaled_branch(dtype):
-  # 1000 * (1e20)^2 = 1e43 overflows float32; the fallback factors out the max.
+  # 1000 * (1e20)^2 = 1e43 overflows float32; the fallback scales by 2**-96 first.
   tree = {"a": jnp.full(1000, 1e20, dtype), "b": jnp.ones((3, 3), dtype)}
   expected = np.sqrt(1000 * float(jnp.asarray(1e20, dtype)) ** 2 + 9)
   np.testing.assert_allclose(float(jax.jit(clipx.global_norm)(tree)), expected, rtol=1e-5)
 
 
-def test_fallback_keeps_small_leaves_exact():
-  # One huge leaf forces the fallback; every leaf is scaled by its own max.
-  tree = [jnp.full(10, 3e19), jnp.array([3.0, 4.0])]
-  groups = norms.group_norms(jax.tree_util.tree_leaves(tree), np.array([0, 1]), 2)
-  np.testing.assert_allclose(np.asarray(groups), [3e19 * np.sqrt(10), 5.0], rtol=1e-6)
+@pytest.mark.parametrize("small", [3.0, 3e-12, 3e-15])
+def test_fallback_keeps_groups_that_did_not_overflow(small):
+  # One huge leaf forces the fallback; the other group keeps its plain sum, even
+  # with values that the fallback's 2**-96 would flush (3e-12 * 2**-96 < 2**-126).
+  tree = [jnp.full(10, 3e19), jnp.array([small, small * 4 / 3])]
+  groups = jax.jit(norms.group_norms, static_argnums=(1, 2))(tree, (0, 1), 2)
+  np.testing.assert_allclose(np.asarray(groups), [3e19 * np.sqrt(10), small * 5 / 3], rtol=1e-6)
+
+
+def test_largest_float32_has_a_finite_norm():
+  norm = jax.jit(clipx.global_norm)({"a": jnp.array([3e38, 1.0, -1e38], jnp.float32)})
+  np.testing.assert_allclose(float(norm), np.hypot(3e38, 1e38), rtol=1e-6)
 
 
 def test_nonfinite_input_propagates():

@@ -70,7 +70,9 @@ def test_bfloat16_keeps_dtype_and_matches_float32():
 finite_arrays = hnp.arrays(
   np.float32,
   hnp.array_shapes(min_dims=1, max_dims=2, max_side=8),
-  elements=st.floats(-1e6, 1e6, width=32),
+  # No subnormals: XLA CPU flushes them in all arithmetic, the clip's multiply by
+  # 1.0 included (tests/test_scaling.py checks that a training step is unchanged).
+  elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=False),
 )
 
 
