@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -103,12 +104,13 @@ def gated_slices(
   def pick(clipped: bool):
     # Ones after the table: the slice every leaf reads when nothing is clipped.
     padded = jnp.concatenate([table, jnp.ones((longest,), table.dtype)])
-    offsets = [jnp.int32(offset if clipped else table.shape[0]) for offset, _ in spans]
+    # numpy constants: jnp.int32(...) per leaf made a device array each (tracing time).
+    offsets = [np.int32(offset if clipped else table.shape[0]) for offset, _ in spans]
     return padded, offsets
 
   padded, offsets = lax.cond(any_clipped, lambda: pick(True), lambda: pick(False))
   # Offsets are in range by construction: no negative-index wrapping in every kernel.
   return [
-    lax.dynamic_slice(padded, [offset], (size,), allow_negative_indices=False).reshape(shape)
+    lax.reshape(lax.dynamic_slice(padded, [offset], (size,), allow_negative_indices=False), shape)
     for offset, size, (_, shape) in zip(offsets, sizes, spans)
   ]
