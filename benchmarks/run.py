@@ -62,36 +62,38 @@ LR, MOMENTUM = 0.01, 0.9
 # rerun keeps the explanation next to the numbers.
 NOTES = """### Where the time goes (profiles, issue 6)
 
-- **Global clip is one extra read.** The compiled clipx step has sgd's own elementwise
-  fusions (the scale is fused into them: no extra elementwise pass) plus one reduction per
-  large leaf and one over the concatenated small leaves. The sum of squares of the whole
-  float32 ResNet tree alone runs at memory speed (4.4 ms against 3.9 ms for a bare
-  `sum(x*x)` of the large leaves, 8.2 ms for one scaled copy), so clip + sgd sits at sgd +
-  one read; above 1.25x only when the shared machine is loaded. A dot-based or row-blocked
-  reduction was no faster (probed, not adopted).
-- **bfloat16 steps are 4x sgd for optax and clipx alike**, with an f32 temporary the size
-  of the gradients: XLA CPU runs the large reductions as YNNPACK custom fusions, and the
-  bf16 -> f32 convert that feeds them is materialized once the clipped update also reads
-  it. Squaring through an integer bit-cast, a dot with `preferred_element_type`, or
-  256-element row blocks did not remove it (probed); squaring in bf16 would break the
-  float32-accumulation contract.
-- **Compile time is kernels: how many, and how many distinct.** XLA CPU compiles
-  identical fusions once, but pays for every instruction fused into each leaf's kernel.
-  Reading a leaf's scale as a static slice `scale[i]` made every leaf's kernel distinct
-  (200-leaf AGC: 3.1 s against 0.7 s when all leaves read the same row), and the cheap
-  clip decision was copied into every leaf's kernel (1000-leaf global clip: +60%). Since
-  `clipx/scaling.py`, the scales and per-leaf offsets are the outputs of one small
-  `lax.cond` (opaque to fusion) and each leaf reads its scales at a runtime offset: the
-  per-leaf kernel is sgd's plus a load, a multiply and the select that keeps unclipped
-  leaves bit for bit (tests/test_scaling.py checks that the number of distinct kernels
-  does not grow with the tree). What remains over sgd for global clipping is the
-  concatenation of the small leaves for the norm (~1.25x sgd alone, probed) and that select.
-- **AGC reads the gradients and the parameters once each for their unit norms**, then
-  the scale fuses into sgd. Its decision and stats work on one vector of all units (478
-  kernels for the ResNet step, was 1267). A trap found on the way: `isfinite(sum(g_sq))`
-  over the unit sums of squares is folded by XLA into a second full reduction of every
-  gradient, which materialized all squares (+195 MiB, 4x slower); the check is
-  `all(isfinite(g_sq))`.
+- **Global clip sits at the memory floor.** The compiled clipx step has sgd's own
+  elementwise fusions (the scale is fused into them: no extra elementwise pass) plus one
+  reduction per large leaf and one per group of small leaves. The floor rows measure sgd
+  plus one read of the gradients (a sum of squares kept in state, nothing scaled): no
+  norm-based clip can beat it, since the norm must be read before sgd's pass can use it.
+  On this 2-core machine a bare `sum(x*x)` of 25.6M floats reads at ~19 GB/s (5.2-6.3 ms,
+  already multi-threaded; row-blocked, column-blocked and dot forms were no faster) while
+  sgd's pass moves ~25 GB/s, so the floor is ~1.25-1.3x sgd.
+- **AGC's floor is sgd plus one read of the gradients and one of the parameters**, both
+  needed for the unit norms before the scale. Optax's AGC sits at that floor too, so
+  0.85x of it would need a second pass to come from cache; XLA schedules all the
+  reductions before the updates, and the 25.6M-parameter tree does not fit the 32 MiB L3.
+- **Compile time is kernels and ops per leaf.** XLA CPU compiles identical fusions once,
+  but every op per leaf costs in tracing and in XLA's passes, and every reduction kernel
+  costs tens of ms to compile. Since `clipx/scaling.py` the scales and per-leaf offsets are
+  the outputs of one small `lax.cond` (opaque to fusion) and each leaf reads its scales at a
+  runtime offset, so same-shape leaves share kernels (tests/test_scaling.py). In this
+  session: the overflow fallback became one reduction per array (squares of `x * 2**-96`;
+  was a max, a scaled sum and a safe combination: 0.58 s -> 0.43 s for a 3-leaf step), the
+  per-leaf `select` that kept subnormals in the clip's own output was dropped (~+0.35x
+  compile on 1000 leaves; XLA CPU flushes subnormals in the optimizer's arithmetic anyway,
+  tested), the scale is broadcast once per leaf shape, small leaves concatenate without a
+  reshape each, and per-leaf code uses `lax` instead of `jnp` (tracing a 1000-leaf global
+  clip: 1.3 s -> 0.4 s in `scale_leaf`).
+- **bfloat16**: XLA CPU computes bf16 arithmetic in float32, and merged the norm's
+  widening with the optimizer's; the widened gradients were then materialized for the
+  reduction (196 MiB). A no-op `optimization_barrier` before the norm's widening
+  (`clipx.norms.widen`) keeps them apart: 23 MiB remain, allocated for the overflow
+  fallback branch (0.6 MiB without it). Optax's chains keep the full temporary.
+- **A trap**: `isfinite(sum(g_sq))` over AGC's unit sums of squares is folded by XLA into
+  a second full reduction of every gradient, which materialized all squares (+195 MiB, 4x
+  slower); the check is `all(isfinite(g_sq))`.
 - **Value clipping** computes the largest magnitude for its stats: one more read that
   `optax.clip` does not do.
 """

@@ -8,8 +8,10 @@ Numerics shared by every scope (see ``DESIGN.md``):
 - norms come from :mod:`clipx.norms`: float32 accumulation, no overflow on
   finite input;
 - ``scale = threshold / norm`` only where ``norm > threshold``; elsewhere the
-  leaf is returned bit for bit (a ``select``, not a multiply by 1.0, which
-  could flush subnormals or differ under meta-gradients);
+  scale is exactly 1 (the output of a ``lax.cond``, so no gradient reaches the
+  threshold), and the leaf comes back bit for bit, except that a backend which
+  flushes subnormals in arithmetic (XLA CPU) flushes them in this multiply as
+  it does in the optimizer's (see :func:`clipx.scaling.scale_leaf`);
 - the scaled leaf is computed in float32 and cast back to its own dtype;
 - a non-finite norm (NaN/Inf in the input) is never clipped: the bad values
   reach the optimizer unchanged, as they would without clipping, rather than
@@ -496,7 +498,7 @@ def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.Gradien
     largest = (
       jnp.max(
         norms.per_leaf_reduce(
-          leaves, lambda x: jnp.max(jnp.abs(x).astype(dtype), axis=tuple(range(1, x.ndim)))
+          leaves, lambda x: jnp.max(jnp.abs(norms.widen(x, dtype)), axis=tuple(range(1, x.ndim)))
         ),
         initial=0.0,
       )
