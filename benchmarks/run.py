@@ -79,9 +79,7 @@ NOTES = """### Where the time goes (profiles, issue 6)
   costs tens of ms to compile. Since `clipx/scaling.py` the scales and per-leaf offsets are
   the outputs of one small `lax.cond` (opaque to fusion) and each leaf reads its scales at a
   runtime offset, so same-shape leaves share kernels (tests/test_scaling.py). In this
-  session: the overflow fallback became one reduction per array (squares of `x * 2**-96`;
-  was a max, a scaled sum and a safe combination: 0.58 s -> 0.43 s for a 3-leaf step), the
-  per-leaf `select` that kept subnormals in the clip's own output was dropped (~+0.35x
+  session: the per-leaf `select` that kept subnormals in the clip's own output was dropped (~+0.35x
   compile on 1000 leaves; XLA CPU flushes subnormals in the optimizer's arithmetic anyway,
   tested), the scale is broadcast once per leaf shape, small leaves concatenate without a
   reshape each, and per-leaf code uses `lax` instead of `jnp` (tracing a 1000-leaf global
@@ -89,8 +87,12 @@ NOTES = """### Where the time goes (profiles, issue 6)
 - **bfloat16**: XLA CPU computes bf16 arithmetic in float32, and merged the norm's
   widening with the optimizer's; the widened gradients were then materialized for the
   reduction (196 MiB). A no-op `optimization_barrier` before the norm's widening
-  (`clipx.norms.widen`) keeps them apart: 23 MiB remain, allocated for the overflow
-  fallback branch (0.6 MiB without it). Optax's chains keep the full temporary.
+  (`clipx.norms.widen`) keeps them apart in the common path (value clipping: 97.5 ->
+  0.4 MiB). What remains is the overflow fallback branch, which reads each leaf twice
+  (its largest magnitude, then its scaled squares) from one widened copy. A fallback
+  with one reduction per leaf (squares of `x * 2**-96`) compiled faster (a 3-leaf step
+  0.58 -> 0.43 s) but XLA CPU materialized the scale factor broadcast to each leaf's
+  shape (23 MiB in float32, against 0.6 MiB now); not adopted.
 - **A trap**: `isfinite(sum(g_sq))` over AGC's unit sums of squares is folded by XLA into
   a second full reduction of every gradient, which materialized all squares (+195 MiB, 4x
   slower); the check is `all(isfinite(g_sq))`.
@@ -176,12 +178,15 @@ def read_once(with_params: bool = False) -> optax.GradientTransformation:
 
   Chained before sgd it measures the memory floor of clipping: one more read of
   the gradients (of the gradients and the parameters for AGC), the least any
-  norm-based clip must add to sgd's own pass. The updates pass unchanged.
+  norm-based clip must add to sgd's own pass. The updates are multiplied by 1.
   """
 
   def update_fn(updates, state, params=None):
     reads = [updates, params] if with_params else [updates]
-    total = sum(optax.tree.norm(tree, squared=True) for tree in reads)
+    total = sum(jnp.sum(clipx.norms.leaf_sq_norms(jax.tree.leaves(tree))) for tree in reads)
+    # Scaled by 1 computed from the sums, as a clip would be: the update then waits for
+    # the reads (otherwise XLA may update the donated params first and copy them).
+    updates = clipx.scaling.scale_tree(updates, jnp.where(total >= 0, 1.0, 0.5))
     return updates, total.astype(jnp.float32)
 
   return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.float32), update_fn)

@@ -138,11 +138,13 @@ def per_example_norms(
   fn, operands = recompute if recompute is not None else (lambda x: x, leaves)
 
   def fallback(operands):
-    # Rare (some example's sum of squares overflowed, or is NaN/Inf): the sums
-    # again with every value scaled down by a power of two, as in group_norms.
-    down = jax.vmap(lambda ls: norms.leaf_sq_norms(ls, downscale=True))(fn(operands))
-    down = jax.ops.segment_sum(down.T, segment_ids, num_groups).T
-    return norms.root_of_sums(sq, down, dtype)
+    # Rare (some example's sum of squares overflowed, or is NaN/Inf): each
+    # leaf's norm with its largest magnitude factored out, as in group_norms.
+    def one_example(example_leaves):
+      m, s = norms._scaled_leaf_norms(example_leaves, dtype)
+      return norms.safe_vector_norm(m * s, segment_ids, num_groups)
+
+    return jax.vmap(one_example)(fn(operands))
 
   return lax.cond(jnp.all(jnp.isfinite(sq)), lambda _: jnp.sqrt(sq), fallback, operands)
 

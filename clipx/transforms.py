@@ -342,6 +342,11 @@ def check_same_structure(updates: chex.ArrayTree, params: chex.ArrayTree, what: 
     raise ValueError(f"clipx.{what}: params do not match updates: only {name} have {extra}.")
 
 
+def _unit_norms_scaled(stacked: jax.Array, axes: tuple[int, ...], dtype) -> jax.Array:
+  m, root = norms.max_and_scaled_norm(stacked, axes, dtype)
+  return m * root
+
+
 def adaptive_grad_clip(
   clipping: float | jax.Array | optax.Schedule,
   *,
@@ -412,11 +417,8 @@ def adaptive_grad_clip(
         return jnp.zeros((0,), dtype)
       return jnp.concatenate([x.reshape(-1) for x in parts])
 
-    def unit_sums(stacks, downscale=False):
-      return [
-        norms.sum_sq(x, axes, dtype, downscale=downscale, keepdims=True)
-        for x, axes in zip(stacks, stack_axes)
-      ]
+    def unit_sums(stacks):
+      return [norms.sum_sq(x, axes, dtype, keepdims=True) for x, axes in zip(stacks, stack_axes)]
 
     g_sq_parts = unit_sums(g_stacks)
     g_sq, p_sq = flat(g_sq_parts), flat(unit_sums(p_stacks))
@@ -431,13 +433,25 @@ def adaptive_grad_clip(
       return jnp.sqrt(g_sq), jnp.sqrt(p_sq)
 
     def fallback(operands):
-      # Rare: a unit's sum of squares overflowed (or NaN/Inf in the input). The
-      # sums again with every value scaled down by a power of two (norms.sum_sq);
-      # units whose plain sum was finite keep it.
-      g_down, p_down = (flat(unit_sums(stacks, downscale=True)) for stacks in operands)
-      if axis_name is not None:
-        g_down, p_down = lax.psum((g_down, p_down), axis_name)
-      return norms.root_of_sums(g_sq, g_down, dtype), norms.root_of_sums(p_sq, p_down, dtype)
+      if axis_name is None:
+        unit_norm = lambda x, axes: _unit_norms_scaled(x, axes, dtype)  # noqa: E731
+      else:
+        # Under shard_map a unit may span shards: factor out its global max.
+        def unit_norm(x, axes):
+          m = lax.pmax(jnp.max(jnp.abs(x).astype(dtype), axis=axes, keepdims=True), axis_name)
+          safe_m = norms.safe_divisor(m)
+          s = jnp.sum(
+            norms._abs_sq(x.astype(jnp.promote_types(x.dtype, dtype)) / safe_m, dtype),
+            axis=axes,
+            keepdims=True,
+          )
+          return jnp.where(jnp.isinf(m), jnp.inf, safe_m * jnp.sqrt(lax.psum(s, axis_name)))
+
+      gs, ps = operands
+      return (
+        flat([unit_norm(g, axes) for g, axes in zip(gs, stack_axes)]),
+        flat([unit_norm(p, axes) for p, axes in zip(ps, stack_axes)]),
+      )
 
     g_norm, p_norm = lax.cond(all_finite, common, fallback, (g_stacks, p_stacks))
     unit_clipped, unit_scale = clip_decision(g_norm, ratio * jnp.maximum(p_norm, eps))
