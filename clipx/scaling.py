@@ -51,7 +51,12 @@ def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
   wide = jnp.promote_types(leaf.dtype, scale.dtype)
   dims = tuple(range(leaf.ndim - scale.ndim, leaf.ndim))
   wide_scale = lax.broadcast_in_dim(lax.convert_element_type(scale, wide), leaf.shape, dims)
-  scaled = lax.mul(lax.convert_element_type(leaf, wide), wide_scale)
+  return _times(leaf, wide_scale)
+
+
+def _times(leaf: jax.Array, wide_scale: jax.Array) -> jax.Array:
+  """``leaf * wide_scale`` (already broadcast, in the wide dtype), cast back to the leaf's dtype."""
+  scaled = lax.mul(lax.convert_element_type(leaf, wide_scale.dtype), wide_scale)
   return lax.convert_element_type(scaled, leaf.dtype)
 
 
@@ -70,8 +75,7 @@ def scale_tree(tree, scale: jax.Array):
     key = (leaf.shape, wide)
     if key not in broadcasts:
       broadcasts[key] = lax.broadcast_in_dim(lax.convert_element_type(scale, wide), leaf.shape, ())
-    scaled = lax.mul(lax.convert_element_type(leaf, wide), broadcasts[key])
-    return lax.convert_element_type(scaled, leaf.dtype)
+    return _times(leaf, broadcasts[key])
 
   return jax.tree.map(scale_one, tree)
 
