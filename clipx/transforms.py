@@ -438,10 +438,11 @@ def adaptive_grad_clip(
       else:
         # Under shard_map a unit may span shards: factor out its global max.
         def unit_norm(x, axes):
-          m = lax.pmax(jnp.max(jnp.abs(x).astype(dtype), axis=axes, keepdims=True), axis_name)
+          wide_x = norms.widen(x, dtype, reader=1)
+          m = lax.pmax(jnp.max(jnp.abs(wide_x).astype(dtype), axis=axes, keepdims=True), axis_name)
           safe_m = norms.safe_divisor(m)
           s = jnp.sum(
-            norms._abs_sq(x.astype(jnp.promote_types(x.dtype, dtype)) / safe_m, dtype),
+            norms._abs_sq(norms.widen(x, dtype) / safe_m, dtype),
             axis=axes,
             keepdims=True,
           )

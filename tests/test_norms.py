@@ -36,7 +36,7 @@ def test_float16_no_overflow():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_huge_finite_values_take_the_scaled_branch(dtype):
-  # 1000 * (1e20)^2 = 1e43 overflows float32; the fallback scales by 2**-96 first.
+  # 1000 * (1e20)^2 = 1e43 overflows float32; the fallback divides by the max first.
   tree = {"a": jnp.full(1000, 1e20, dtype), "b": jnp.ones((3, 3), dtype)}
   expected = np.sqrt(1000 * float(jnp.asarray(1e20, dtype)) ** 2 + 9)
   np.testing.assert_allclose(float(jax.jit(clipx.global_norm)(tree)), expected, rtol=1e-5)
@@ -44,11 +44,31 @@ def test_huge_finite_values_take_the_scaled_branch(dtype):
 
 @pytest.mark.parametrize("small", [3.0, 3e-12, 3e-15])
 def test_fallback_keeps_groups_that_did_not_overflow(small):
-  # One huge leaf forces the fallback; the other group keeps its plain sum, even
-  # with values that the fallback's 2**-96 would flush (3e-12 * 2**-96 < 2**-126).
+  # One huge leaf forces the fallback; the other group keeps its norm, even with
+  # values that a fixed factor such as 2**-96 would flush (3e-12 * 2**-96 < 2**-126).
   tree = [jnp.full(10, 3e19), jnp.array([small, small * 4 / 3])]
   groups = jax.jit(norms.group_norms, static_argnums=(1, 2))(tree, (0, 1), 2)
   np.testing.assert_allclose(np.asarray(groups), [3e19 * np.sqrt(10), small * 5 / 3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_fallback_on_large_16_bit_leaves(dtype):
+  # Large leaves (not merged with others) of 16-bit floats, whose maximum is
+  # taken apart from the sum of squares (norms.widen's reader). The largest
+  # magnitude is negative. bfloat16's overflows the float32 sum of squares;
+  # float16 reaches the fallback only through inf or NaN.
+  big = 3e38 if dtype == jnp.bfloat16 else 6e4
+  values = np.linspace(-1.0, 0.5, norms.SMALL_LEAF_SIZE + 7)
+  values[100] = -big
+  leaf = jnp.asarray(values, dtype)
+  exact = np.asarray(leaf, np.float64)
+  tree = {"a": leaf, "b": jnp.ones(3, dtype)}
+  expected = np.sqrt(np.sum(exact**2) + 3)
+  np.testing.assert_allclose(float(jax.jit(clipx.global_norm)(tree)), expected, rtol=1e-5)
+  with_nan = {"a": leaf.at[5].set(jnp.nan), "b": tree["b"]}
+  assert np.isnan(float(jax.jit(clipx.global_norm)(with_nan)))
+  with_inf = {"a": leaf.at[5].set(-jnp.inf), "b": tree["b"]}
+  assert float(jax.jit(clipx.global_norm)(with_inf)) == np.inf
 
 
 def test_largest_float32_has_a_finite_norm():
