@@ -302,6 +302,8 @@ def group_norms(
 
   def fallback(leaves):
     m, s = _scaled_leaf_norms(leaves, dtype)
+    if axis_name is None and num_segments == 1:  # no scatters for one group
+      return safe_vector_norm(m * s)[None]
     if axis_name is None:
       return safe_vector_norm(m * s, segment_ids, num_segments)
     # Across shards: factor out each group's largest magnitude over all shards.
