@@ -88,11 +88,18 @@ NOTES = """### Where the time goes (profiles, issue 6)
   widening with the optimizer's; the widened gradients were then materialized for the
   reduction (196 MiB). A no-op `optimization_barrier` before the norm's widening
   (`clipx.norms.widen`) keeps them apart in the common path (value clipping: 97.5 ->
-  0.4 MiB). What remains is the overflow fallback branch, which reads each leaf twice
-  (its largest magnitude, then its scaled squares) from one widened copy. A fallback
-  with one reduction per leaf (squares of `x * 2**-96`) compiled faster (a 3-leaf step
-  0.58 -> 0.43 s) but XLA CPU materialized the scale factor broadcast to each leaf's
-  shape (23 MiB in float32, against 0.6 MiB now); not adopted.
+  0.4 MiB). The overflow fallback reads each leaf twice (its largest magnitude, then
+  its scaled squares); identical barriers are merged, so the max reads the leaf through
+  a barrier of its own (`widen(..., reader=1)`): global clip 97.5 -> 0.8 MiB, AGC 196 ->
+  1.8 MiB (tests/test_memory.py). Taking the max of the bits as int16 also avoided the
+  widening, but XLA CPU then copied the bits for its integer reduction (49 MiB). A
+  fallback with one reduction per leaf (squares of `x * 2**-96`) compiled faster (a
+  3-leaf step 0.58 -> 0.43 s) but XLA CPU materialized the scale factor broadcast to each
+  leaf's shape (23 MiB in float32); not adopted.
+- **Compile time of concatenations**: XLA CPU emits one kernel per concatenation whose
+  code grows with its operands; 500 small leaves in one concatenation compiled in
+  0.4-0.6 s, in two levels of at most 64 (`clipx.norms.concatenate`) in 0.15 s. In the
+  whole step the gain is within this machine's noise (+-20% between runs).
 - **A trap**: `isfinite(sum(g_sq))` over AGC's unit sums of squares is folded by XLA into
   a second full reduction of every gradient, which materialized all squares (+195 MiB, 4x
   slower); the check is `all(isfinite(g_sq))`.
