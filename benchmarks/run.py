@@ -98,7 +98,7 @@ NOTES = """### Where the time goes (profiles, issue 6)
   leaf's shape (23 MiB in float32); not adopted.
 - **Compile time of concatenations**: XLA CPU emits one kernel per concatenation whose
   code grows with its operands; 500 small leaves in one concatenation compiled in
-  0.4-0.6 s, in two levels of at most 64 (`clipx.norms.concatenate`) in 0.15 s. In the
+  0.4-0.6 s, in two levels of at most 64-128 (`clipx.norms.concatenate`) in 0.15-0.3 s. In the
   whole step the gain is within this machine's noise (+-20% between runs).
 - **A trap**: `isfinite(sum(g_sq))` over AGC's unit sums of squares is folded by XLA into
   a second full reduction of every gradient, which materialized all squares (+195 MiB, 4x

@@ -105,3 +105,17 @@ def test_complex_leaves():
 def test_integer_leaf_raises_type_error_naming_path():
   with pytest.raises(TypeError, match=r"\['step'\]"):
     clipx.global_norm({"w": jnp.ones(2), "step": jnp.ones(2, jnp.int32)})
+
+
+def test_many_small_leaves_concatenate_in_two_levels():
+  # More same-shape leaves than one concatenation takes (norms.MAX_CONCAT).
+  rng = np.random.default_rng(0)
+  count = 2 * norms.MAX_CONCAT + 3
+  leaves = [jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for _ in range(count)]
+  leaves += [jnp.asarray(rng.normal(size=5), jnp.float32) for _ in range(count)]
+  exact = [np.asarray(x, np.float64) for x in leaves]
+  np.testing.assert_allclose(
+    float(jax.jit(clipx.global_norm)(leaves)), np.sqrt(sum(np.sum(x**2) for x in exact)), rtol=1e-6
+  )
+  per_leaf = jax.jit(norms.leaf_sq_norms)(leaves)
+  np.testing.assert_allclose(np.asarray(per_leaf), [np.sum(x**2) for x in exact], rtol=1e-6)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import clipx
+from clipx import norms
 
 
 def _tree(seed=0, scale=1.0):
@@ -143,6 +144,18 @@ def test_agc_matches_numpy_unitwise_formula():
   bound = 0.5 * np.maximum(np.linalg.norm(p, axis=0, keepdims=True), 1e-3)
   expected = np.where(g_norm > bound, g * bound / g_norm, g)
   np.testing.assert_allclose(np.asarray(out["w"]), expected, rtol=1e-6)
+
+
+def test_agc_matches_optax_on_more_leaves_than_one_concatenation():
+  # Same-shape leaves are stacked for the unit norms; past norms.MAX_CONCAT in two levels.
+  count = norms.MAX_CONCAT + 5
+  rng = np.random.default_rng(7)
+  params = [jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for _ in range(count)]
+  grads = [jnp.asarray(rng.normal(size=(3, 4)) * (i % 3), jnp.float32) for i in range(count)]
+  out, _ = _update(clipx.adaptive_grad_clip(0.3), grads, params)
+  ref_tx = optax.adaptive_grad_clip(0.3)
+  ref, _ = ref_tx.update(grads, ref_tx.init(params), params)
+  chex.assert_trees_all_close(out, ref, rtol=1e-6, atol=0)
 
 
 def test_global_matches_torch_clip_grad_norm():
