@@ -158,6 +158,20 @@ def test_agc_matches_optax_on_more_leaves_than_one_concatenation():
   chex.assert_trees_all_close(out, ref, rtol=1e-6, atol=0)
 
 
+def test_agc_units_over_several_kept_axes_match_numpy():
+  # axis=(0, 1): a unit per (input, output) channel pair of a conv kernel.
+  rng = np.random.default_rng(3)
+  params = {"k": jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)}
+  grads = {"k": jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)}
+  out, _ = _update(clipx.adaptive_grad_clip(0.4, axis=(0, 1)), grads, params)
+  g, p = np.asarray(grads["k"], np.float64), np.asarray(params["k"], np.float64)
+  g_norm = np.linalg.norm(g, axis=(0, 1), keepdims=True)
+  bound = 0.4 * np.maximum(np.linalg.norm(p, axis=(0, 1), keepdims=True), 1e-3)
+  expected = np.where(g_norm > bound, g * bound / g_norm, g)
+  assert (g_norm > bound).any() and (g_norm <= bound).any()
+  np.testing.assert_allclose(np.asarray(out["k"]), expected, rtol=1e-6)
+
+
 def test_global_matches_torch_clip_grad_norm():
   torch = pytest.importorskip("torch")
   grads = _tree(4)
