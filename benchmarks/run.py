@@ -552,7 +552,7 @@ def main(argv=None) -> str:
   print(sections[-1] + "\n", flush=True)
 
   num_layers = 3 if quick else 500
-  compile_rounds = args.compile_rounds or (1 if quick else 2)
+  compile_rounds = args.compile_rounds or (1 if quick else 3)
   times = compile_times(num_layers, compile_rounds)
   results["compile"] = times
   results["compile_leaves"] = 2 * num_layers
