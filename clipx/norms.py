@@ -194,15 +194,22 @@ def safe_divisor(m: jax.Array) -> jax.Array:
   return jnp.where(m > 2.0**-64, m * 2.0**-8, jnp.where(m > 0, m, 1)).astype(m.dtype)
 
 
-def max_and_scaled_norm(x: jax.Array, axes: tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
+def max_and_scaled_norm(
+  x: jax.Array, axes: tuple[int, ...], dtype, *, axis_name: Any = None
+) -> tuple[jax.Array, jax.Array]:
   """``(d, r)`` over ``axes`` (kept): a divisor (:func:`safe_divisor`) and the norm of ``x / d``.
 
   The norm is ``d * r``; the quotients are at most 256, so their squares cannot
-  overflow. Used only on the rare overflow path (two reads of ``x``).
+  overflow. Used only on the rare overflow path (two reads of ``x``). With
+  ``axis_name`` (inside ``shard_map``), ``x`` is one shard of arrays split over
+  that axis: the maximum and the sum are taken over all shards.
   """
   m = jnp.abs(widen(x, dtype, reader=1)).astype(dtype).max(axis=axes, keepdims=True)
+  if axis_name is not None:
+    m = lax.pmax(m, axis_name)
   d = safe_divisor(m)
-  root = jnp.sqrt(jnp.sum(_abs_sq(widen(x, dtype) / d, dtype), axis=axes, keepdims=True))
+  sq = jnp.sum(_abs_sq(widen(x, dtype) / d, dtype), axis=axes, keepdims=True)
+  root = jnp.sqrt(sq if axis_name is None else lax.psum(sq, axis_name))
   # An infinite element has an infinite norm (inf * 0 would give NaN).
   return d, jnp.where(jnp.isinf(m), jnp.inf, root)
 

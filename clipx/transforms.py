@@ -342,11 +342,6 @@ def check_same_structure(updates: chex.ArrayTree, params: chex.ArrayTree, what: 
     raise ValueError(f"clipx.{what}: params do not match updates: only {name} have {extra}.")
 
 
-def _unit_norms_scaled(stacked: jax.Array, axes: tuple[int, ...], dtype) -> jax.Array:
-  m, root = norms.max_and_scaled_norm(stacked, axes, dtype)
-  return m * root
-
-
 def adaptive_grad_clip(
   clipping: float | jax.Array | optax.Schedule,
   *,
@@ -433,20 +428,10 @@ def adaptive_grad_clip(
       return jnp.sqrt(g_sq), jnp.sqrt(p_sq)
 
     def fallback(operands):
-      if axis_name is None:
-        unit_norm = lambda x, axes: _unit_norms_scaled(x, axes, dtype)  # noqa: E731
-      else:
-        # Under shard_map a unit may span shards: factor out its global max.
-        def unit_norm(x, axes):
-          wide_x = norms.widen(x, dtype, reader=1)
-          m = lax.pmax(jnp.max(jnp.abs(wide_x).astype(dtype), axis=axes, keepdims=True), axis_name)
-          safe_m = norms.safe_divisor(m)
-          s = jnp.sum(
-            norms._abs_sq(norms.widen(x, dtype) / safe_m, dtype),
-            axis=axes,
-            keepdims=True,
-          )
-          return jnp.where(jnp.isinf(m), jnp.inf, safe_m * jnp.sqrt(lax.psum(s, axis_name)))
+      # Under shard_map a unit may span shards: its max and sum are over all of them.
+      def unit_norm(x, axes):
+        d, root = norms.max_and_scaled_norm(x, axes, dtype, axis_name=axis_name)
+        return d * root
 
       gs, ps = operands
       return (
