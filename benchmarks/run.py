@@ -78,8 +78,8 @@ NOTES = """### Where the time goes (profiles, issue 6)
   but every op per leaf costs in tracing and in XLA's passes, and every reduction kernel
   costs tens of ms to compile. Since `clipx/scaling.py` the scales and per-leaf offsets are
   the outputs of one small `lax.cond` (opaque to fusion) and each leaf reads its scales at a
-  runtime offset, so same-shape leaves share kernels (tests/test_scaling.py). In this
-  session: the per-leaf `select` that kept subnormals in the clip's own output was dropped (~+0.35x
+  runtime offset, so same-shape leaves share kernels (tests/test_scaling.py). Also: the
+  per-leaf `select` that kept subnormals in the clip's own output was dropped (~+0.35x
   compile on 1000 leaves; XLA CPU flushes subnormals in the optimizer's arithmetic anyway,
   tested), the scale is broadcast once per leaf shape, small leaves concatenate without a
   reshape each, and per-leaf code uses `lax` instead of `jnp` (tracing a 1000-leaf global
@@ -90,7 +90,7 @@ NOTES = """### Where the time goes (profiles, issue 6)
   (`clipx.norms.widen`) keeps them apart in the common path (value clipping: 97.5 ->
   0.4 MiB). The overflow fallback reads each leaf twice (its largest magnitude, then
   its scaled squares); identical barriers are merged, so the max reads the leaf through
-  a barrier of its own (`widen(..., reader=1)`): global clip 97.5 -> 0.8 MiB, AGC 196 ->
+  a barrier of its own (`widen(..., reader=1)`): global clip 97.5 -> 1.3 MiB, AGC 196 ->
   1.8 MiB (tests/test_memory.py). Taking the max of the bits as int16 also avoided the
   widening, but XLA CPU then copied the bits for its integer reduction (49 MiB). A
   fallback with one reduction per leaf (squares of `x * 2**-96`) compiled faster (a
