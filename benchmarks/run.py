@@ -4,8 +4,8 @@ Every figure is a ratio measured side by side in one run: the cases of a
 table run interleaved, round after round, so load from other processes on a
 shared machine hits them alike. Each row reports the median and the minimum
 time per step over the rounds, and its ratio to the row it is compared with
-(median over median, min over min). Absolute times are noise on a shared CPU;
-the ratios are the numbers to trust.
+(the median of the per-round ratios, and min over min). Absolute times are
+noise on a shared CPU; the ratios are the numbers to trust.
 
 Cases (all jitted with donated buffers and timed to ``block_until_ready``):
 
@@ -392,9 +392,14 @@ def compile_times(num_layers: int, rounds: int) -> dict[str, list[float]]:
 
 
 def ratio(times, name, base) -> tuple[float, float]:
-  """(median ratio, min ratio) of ``name`` over ``base``."""
-  med = statistics.median(times[name]) / statistics.median(times[base])
-  return med, min(times[name]) / min(times[base])
+  """(median of the per-round ratios, min over min) of ``name`` over ``base``.
+
+  Every round times all cases back to back, so a round's ratio compares them
+  under the same load; the load of this shared machine drifts by 10-20% between
+  rounds, which a median over median would carry into the ratio.
+  """
+  paired = [t / b for t, b in zip(times[name], times[base], strict=True)]
+  return statistics.median(paired), min(times[name]) / min(times[base])
 
 
 def time_table(times, unit: str, scale: float, memory=None) -> str:
@@ -552,7 +557,7 @@ def main(argv=None) -> str:
   print(sections[-1] + "\n", flush=True)
 
   num_layers = 3 if quick else 500
-  compile_rounds = args.compile_rounds or (1 if quick else 3)
+  compile_rounds = args.compile_rounds or (1 if quick else 5)
   times = compile_times(num_layers, compile_rounds)
   results["compile"] = times
   results["compile_leaves"] = 2 * num_layers
@@ -571,7 +576,7 @@ def main(argv=None) -> str:
       f"`{command}`, {datetime.date.today().isoformat()}: {versions()}. "
       f"{rounds} rounds of {iters} steps per case ({compile_rounds} compiles per case), "
       "interleaved; "
-      "ratio = median over median / min over min. Temp MiB: XLA's compiled "
+      "ratio = median of the per-round ratios / min over min. Temp MiB: XLA's compiled "
       "`memory_analysis().temp_size_in_bytes` of the step.",
       targets,
       *sections,

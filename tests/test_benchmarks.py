@@ -36,3 +36,13 @@ def test_quick_run_prints_every_table_and_target():
   ):
     assert row in report, row
   assert "nan" not in report.lower()
+
+
+def test_ratio_is_the_median_of_paired_rounds_and_min_over_min():
+  run = _load_run()
+  # Round 2 ran under load for both cases. Paired: ratios 2, 1, 3 (median 2); medians: 6 / 2 = 3.
+  times = {"clip": [2.0, 12.0, 6.0], "base": [1.0, 12.0, 2.0]}
+  rounds = np.array(times["clip"]) / np.array(times["base"])
+  med, low = run.ratio(times, "clip", "base")
+  assert med == np.median(rounds) == 2.0
+  assert low == min(times["clip"]) / min(times["base"]) == 2.0
