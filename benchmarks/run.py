@@ -500,6 +500,7 @@ def targets_table(results) -> str:
     ("floor: sgd + one read of the gradients", "sgd-momentum alone"),
     ("floor: sgd + one read of gradients and params", "sgd-momentum alone"),
     ("floor: sgd + one read of gradients and params", "optax.adaptive_grad_clip + sgd"),
+    ("floor: sgd + one read of the gradients", "torch clip_grad_norm_ + SGD"),
   ):
     if name in f32 and base in f32:
       med, low = ratio(f32, name, base)
