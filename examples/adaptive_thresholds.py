@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import clipx  # noqa: E402
-from examples import train_cnn  # noqa: E402
+from examples import reporting, train_cnn  # noqa: E402
 
 # Name -> policy with its default settings (the fixed 1.0 is train_cnn's default).
 POLICIES: dict[str, Callable[[], clipx.ThresholdPolicy]] = {
@@ -78,7 +78,7 @@ def record_trace(args: argparse.Namespace, out: Path) -> tuple[np.ndarray, int]:
     results = train_cnn.train(train_cnn.parse_args(flags))
     print(f"  test accuracy {results['test_accuracy']:.4f}, {results['steps']} steps", flush=True)
     trace = {"grad_norm": results["grad_norm"], "config": results["config"]}
-    (out / "trace.json").write_text(json.dumps(train_cnn.json_safe(trace)))
+    (out / "trace.json").write_text(json.dumps(reporting.json_safe(trace)))
   norms = np.array([np.nan if g is None else g for g in results["grad_norm"]], np.float32)
   return norms, int(results["config"].get("inject_spikes") or 0)
 

@@ -1,7 +1,8 @@
 """Why clipping matters: two failures of plain SGD-momentum that clipping prevents.
 
 ``python examples/stability.py`` runs two experiments on the digits CNN and
-writes ``stability.png``, ``spikes.png`` and ``stability.json``:
+writes ``stability.png``, ``spikes.png`` and ``stability.json`` under
+``--out`` (default ``runs/stability``, never the repository's own files):
 
 1. ``high-lr``: a learning rate (0.3) at which plain SGD-momentum collapses to
    chance, while global-norm clipping trains. Fixed thresholds (0.1 .. 3, one
@@ -36,7 +37,7 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import data, threshold_sweep, train_cnn  # noqa: E402
+from examples import data, reporting, threshold_sweep, train_cnn  # noqa: E402
 
 EXPERIMENTS = ("high-lr", "spikes")
 
@@ -72,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--dataset", choices=data.DATASETS, default="digits")
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--max-steps", type=int, default=0, help="stop every run after N steps")
-  parser.add_argument("--out", default=".", help="folder for the plots and stability.json")
+  parser.add_argument("--out", default="runs/stability", help="folder for the plots and the json")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)
   args.policies = [p for p in args.policies.split(",") if p]
@@ -316,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.quiet:
       print_rows(f"spikes: {title}", rows)
   with open(out / "stability.json", "w") as f:
-    json.dump(train_cnn.json_safe(summary), f, indent=1, allow_nan=False)
+    json.dump(reporting.json_safe(summary), f, indent=1, allow_nan=False)
   if not args.quiet:
     print(f"\nwrote {out}/stability.json and the plots")
   return summary

@@ -3,7 +3,8 @@
 ``python examples/threshold_sweep.py`` trains the digits CNN once per global
 norm threshold (12 log-spaced from 0.01 to 100, plus no clipping) at a high
 learning rate, and plots final test accuracy and clip rate against the
-threshold (``threshold_sweep.png``).
+threshold (``threshold_sweep.png`` and ``.json`` under ``--out``, default
+``runs/threshold_sweep``).
 
 Compile once: the threshold is a traced argument of the one jitted step, never
 a Python constant, and no clipping is the same program with threshold ``inf``.
@@ -46,7 +47,7 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import cnn, data, train_cnn  # noqa: E402
+from examples import cnn, data, reporting, train_cnn  # noqa: E402
 
 MODES = ("loop", "vmap")
 
@@ -81,7 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--dataset", choices=data.DATASETS, default="digits")
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
-  parser.add_argument("--out", default=".", help="folder for threshold_sweep.png/.json")
+  parser.add_argument("--out", default="runs/threshold_sweep", help="folder for the png and json")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)
   if args.thresholds < 1 or not 0 < args.min_threshold <= args.max_threshold:
@@ -362,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   with open(out / "threshold_sweep.json", "w") as f:
-    json.dump(train_cnn.json_safe(summary), f, indent=1, allow_nan=False)
+    json.dump(reporting.json_safe(summary), f, indent=1, allow_nan=False)
   plot(
     results,
     out / "threshold_sweep.png",

@@ -24,7 +24,7 @@ import clipx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples import data, stability, threshold_sweep, train_cnn  # noqa: E402
+from examples import data, reporting, stability, threshold_sweep, train_cnn  # noqa: E402
 
 METRICS_KEYS = {
   "test_accuracy",
@@ -144,7 +144,7 @@ def test_missing_policy_is_a_clear_error(monkeypatch):
 def test_missing_tensorboardx_is_a_message(monkeypatch, tmp_path, capsys):
   monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
   args = train_cnn.parse_args(["--tensorboard", "--out", str(tmp_path)])
-  assert train_cnn.open_tensorboard(args) is None
+  assert reporting.open_tensorboard(args) is None
   assert "pip install tensorboardX" in capsys.readouterr().err
 
 
@@ -174,7 +174,7 @@ def test_adaptive_policies_build(policy):
       return tx.update({"w": jnp.full(3, norm / 3**0.5)}, state, params)[1], None
 
     state, _ = jax.lax.scan(step, tx.init(params), norms)
-    return train_cnn.step_summary(clipx.stats(state))
+    return reporting.step_summary(clipx.stats(state))
 
   summary = run(jnp.array([1.0] * 40 + [100.0]))
   assert bool(summary["clipped"]), summary  # every policy clips the spike after warm-up
@@ -226,3 +226,35 @@ def test_missing_dataset_file_is_a_clean_exit(tmp_path):
     train_cnn.main(["--dataset", "mnist", "--data-dir", str(tmp_path), "--quiet"])
   with pytest.raises(SystemExit, match=r"data_batch_1.*--data-dir"):
     threshold_sweep.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--quiet"])
+
+
+def test_same_seed_same_machine_is_bit_identical(digits_run, digits):
+  """What the README promises: the same seed, machine and thread count repeat a run exactly."""
+  one, _ = digits_run
+  again = train_cnn.train(
+    train_cnn.parse_args([*DIGITS_ARGS, "--max-steps", "10", "--quiet"]), digits
+  )
+  assert again["step_loss"] == one["step_loss"][:10]
+  assert again["grad_norm"] == one["grad_norm"][:10]
+
+
+def test_quiet_still_prints_the_result(capsys, digits, monkeypatch):
+  monkeypatch.setattr(train_cnn.data, "load_or_exit", lambda *a: digits)
+  train_cnn.main([*DIGITS_ARGS, "--max-steps", "3", "--quiet"])
+  out = capsys.readouterr().out
+  assert out.startswith("test accuracy ") and out.count("\n") == 1, out  # no bar, no epochs
+
+
+@pytest.mark.parametrize("script", [stability, threshold_sweep])
+def test_outputs_default_under_runs(script):
+  """No script writes into the repository root or a tracked file unless told to."""
+  out = Path(script.parse_args([]).out)
+  assert out.parts[0] == "runs" and len(out.parts) == 2, out
+
+
+def test_train_cnn_reads_as_an_example():
+  """The training script is data, model, optimizer, steps and loop; reporting lives beside it."""
+  source = (ROOT / "examples" / "train_cnn.py").read_text()
+  assert len(source.splitlines()) <= 270
+  for reporting_only in ("import csv", "import matplotlib", "tensorboardX", "SummaryWriter("):
+    assert reporting_only not in source, reporting_only
