@@ -83,9 +83,18 @@ def plot_loss(ax, runs: Mapping[str, dict[str, Any]]) -> None:
 
 def plot_grad_norms(ax, runs: Mapping[str, dict[str, Any]]) -> None:
   """Pre-clip global gradient norm per step against the threshold, log scale."""
-  for color, (label, results) in zip(("C3", "C0", "C2", "C1"), runs.items()):
+  for index, (color, (label, results)) in enumerate(zip(("C3", "C0", "C2", "C1"), runs.items())):
     norms = _floats(results["grad_norm"])
-    ax.plot(np.arange(1, len(norms) + 1), norms, color=color, lw=0.6, label=label)
+    # The first run on top: the unclipped one, whose spikes are the point.
+    ax.plot(
+      np.arange(1, len(norms) + 1),
+      norms,
+      color=color,
+      lw=0.5,
+      alpha=0.8,
+      label=label,
+      zorder=len(runs) - index,
+    )
     threshold = _floats(results["threshold"])
     if np.isfinite(threshold).any():
       ax.plot(np.arange(1, len(threshold) + 1), threshold, "k--", lw=1, label="threshold")
@@ -103,6 +112,24 @@ def plot_hidden_grads(ax, results: dict[str, Any], title: str) -> None:
     if np.isfinite(profile).any():
       ax.plot(np.arange(1, len(profile) + 1), profile, color=color, lw=1, label=f"step {step}")
   ax.set(xlabel="time step t", ylabel="mean ||d loss / d h_t||", yscale="log", title=title)
+  ax.legend(fontsize=6, ncol=2)
+
+
+def plot_after_clip(ax, results: dict[str, Any]) -> None:
+  """The last profile times the clip's scale: lower, with the same slope back through time."""
+  evals = results["evaluations"]
+  threshold = results["config"].get("max_norm")
+  profile, norm = _floats(evals["hidden_grad_norms"][-1]), evals["grad_norm"][-1]
+  if threshold is None or norm is None or not np.isfinite(profile).all():
+    return
+  scale = min(1.0, threshold / norm)
+  ax.plot(
+    np.arange(1, len(profile) + 1),
+    profile * scale,
+    "k--",
+    lw=1.2,
+    label=f"step {evals['step'][-1]} after the clip (x{scale:.2g})",
+  )
   ax.legend(fontsize=6, ncol=2)
 
 
@@ -143,7 +170,8 @@ def plot_cliff(unclipped: dict[str, Any], clipped: dict[str, Any], path: Path) -
   plot_loss(axes[0, 0], runs)
   plot_grad_norms(axes[0, 1], runs)
   plot_hidden_grads(axes[1, 0], unclipped, f"d loss / d h_t, {_label(unclipped)}")
-  plot_hidden_grads(axes[1, 1], clipped, f"d loss / d h_t, {_label(clipped)} (before the clip)")
+  plot_hidden_grads(axes[1, 1], clipped, f"d loss / d h_t, {_label(clipped)}")
+  plot_after_clip(axes[1, 1], clipped)
   fig.suptitle(
     f"{config['cell']} on the adding problem, length {config['seq_len']}, lr {config['lr']:g},"
     f" momentum {config['momentum']:g}, seed {config['seed']}"

@@ -40,8 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     description="Sweep learning rate and sequence length: unclipped vs clipped RNN.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument("--lrs", type=floats, default=[0.003, 0.01, 0.03, 0.1])
-  parser.add_argument("--seq-lens", type=floats, default=[20, 50, 100])
+  parser.add_argument("--lrs", type=floats, default=[0.003, 0.01, 0.03])
+  parser.add_argument("--seq-lens", type=floats, default=[20, 50])
   parser.add_argument("--seeds", type=floats, default=[0, 1, 2])
   parser.add_argument("--cell", default=defaults.cell)
   parser.add_argument("--steps", type=int, default=defaults.steps)

@@ -21,7 +21,7 @@ Examples::
 
   python examples/train_rnn.py                      # tanh RNN, global-norm clipping at 1.0
   python examples/train_rnn.py --clip none          # the same run without clipping
-  python examples/train_rnn.py --cell lstm --seq-len 100 --out runs/rnn/lstm
+  python examples/train_rnn.py --cell lstm --out runs/rnn/lstm    # the LSTM, written to a folder
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ TEST_SIZE = 1024  # held-out sequences, drawn with their own fixed seed
 TEST_SEED = 2**31 - 1
 EVALUATIONS = 10  # test loss and d loss / d h_t norms at this many evenly spaced steps
 PROFILE_SIZE = 256  # test sequences the d loss / d h_t norms average over
+EVALUATION_KEYS = ("step", "test_loss", "hidden_grad_norms", "grad_norm")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
   parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-  parser.add_argument("--steps", type=int, default=5000, help="training steps (fresh batches)")
+  parser.add_argument("--steps", type=int, default=10000, help="training steps (fresh batches)")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--seed", type=int, default=0, help="initialisation and training data")
   parser.add_argument("--out", default=None, help="write metrics.json, metrics.csv, training.png")
@@ -105,12 +106,19 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Cal
 
 
 def make_eval_step(apply_fn: Callable) -> Callable:
-  """``(params, inputs, targets) -> (test MSE, d loss / d h_t norm per step)``."""
+  """``(params, inputs, targets) -> (test MSE, d loss / d h_t norms, gradient norm)``.
+
+  The last two on the first ``PROFILE_SIZE`` sequences: the norm per time step,
+  and the global norm of the parameter gradient of their mean loss (a clip
+  would scale that gradient, every time step's share alike, by threshold / norm).
+  """
 
   def eval_step(params, inputs, targets):
     loss = rnn.mse(apply_fn(params, inputs), targets)
-    profile = rnn.hidden_grad_norms(apply_fn, params, inputs[:PROFILE_SIZE], targets[:PROFILE_SIZE])
-    return loss, profile
+    inputs, targets = inputs[:PROFILE_SIZE], targets[:PROFILE_SIZE]
+    profile = rnn.hidden_grad_norms(apply_fn, params, inputs, targets)
+    grads = jax.grad(lambda p: rnn.mse(apply_fn(p, inputs), targets))(params)
+    return loss, profile, clipx.global_norm(grads)
 
   return eval_step
 
@@ -131,7 +139,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
   eval_step = jax.jit(make_eval_step(apply_fn))
 
   eval_at = set(np.linspace(0, args.steps, EVALUATIONS + 1, dtype=int).tolist())
-  evaluations: dict[str, list] = {"step": [], "test_loss": [], "hidden_grad_norms": []}
+  evaluations: dict[str, list] = {key: [] for key in EVALUATION_KEYS}
   step_metrics, reports = [], []
   diverged, first_step_seconds = False, None
   refresh = max(1, args.steps // 50)
@@ -192,11 +200,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def evaluate(eval_step, params, inputs, targets, step: int, evaluations: dict) -> None:
-  """Appends the test MSE and the d loss / d h_t norms at ``step`` to ``evaluations``."""
-  loss, profile = jax.device_get(eval_step(params, inputs, targets))
+  """Appends ``eval_step``'s three results at ``step`` to ``evaluations``."""
+  loss, profile, grad_norm = jax.device_get(eval_step(params, inputs, targets))
   evaluations["step"].append(step)
   evaluations["test_loss"].append(float(loss))
   evaluations["hidden_grad_norms"].append([float(v) for v in profile])
+  evaluations["grad_norm"].append(float(grad_norm))
 
 
 def run_seeds(
