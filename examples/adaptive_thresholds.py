@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--lr", type=float, default=0.05)
   parser.add_argument("--inject-spikes", type=int, default=50, metavar="N")
   parser.add_argument("--epochs", type=int, default=10)
+  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="runs/adaptive_thresholds", help="folder for the outputs")
   return parser.parse_args(argv)
 
@@ -73,7 +74,7 @@ def record_trace(args: argparse.Namespace, out: Path) -> tuple[np.ndarray, int]:
     results = json.loads(Path(args.trace).read_text())
   else:
     flags = ["--clip", "global", "--lr", str(args.lr), "--epochs", str(args.epochs), "--quiet"]
-    flags += ["--inject-spikes", str(args.inject_spikes)]
+    flags += ["--inject-spikes", str(args.inject_spikes), "--seed", str(args.seed)]
     print(f"training: python examples/train_cnn.py {' '.join(flags)}", flush=True)
     results = train_cnn.train(train_cnn.parse_args(flags))
     print(f"  test accuracy {results['test_accuracy']:.4f}, {results['steps']} steps", flush=True)

@@ -53,6 +53,8 @@ METRICS = {
   "test_accuracy": ("test accuracy", "{:.3f}"),
   "clip_rate": ("clip rate", "{:.2f}"),
   "epsilon": ("epsilon", "{:.2f}"),
+  "spikes_caught": ("large spikes clipped", "{:.0f}"),
+  "spikes": ("large spikes (norm > 10x median)", "{:.0f}"),
 }
 
 Rows = dict[str, dict[str, float]]
@@ -178,6 +180,29 @@ def data_parallel(seed: int, dataset: tuple[np.ndarray, ...]) -> Rows:
       subprocess.run([sys.executable, script, *argv], check=True, env=env, capture_output=True)
       metrics = json.loads((Path(out) / "metrics.json").read_text())
     rows[f"{devices} device" + "s" * (devices > 1)] = {"test_accuracy": metrics["test_accuracy"]}
+  return rows
+
+
+@experiment(
+  "policy-replay",
+  "python examples/adaptive_thresholds.py --seed {seed}",
+  row_header="policy (replayed)",
+)
+def policy_replay(seed: int, dataset: tuple[np.ndarray, ...]) -> Rows:
+  """Each policy replayed over one spiked run's norm trace (lr 0.05, inputs x100 every 50)."""
+  import tempfile
+
+  from examples import adaptive_thresholds
+
+  with tempfile.TemporaryDirectory() as out:
+    args = adaptive_thresholds.parse_args(["--seed", str(seed), "--out", out])
+    norms, period = adaptive_thresholds.record_trace(args, Path(out))
+  spikes = np.arange(period - 1, len(norms), period)
+  rows = {}
+  for name, make in adaptive_thresholds.POLICIES.items():
+    thresholds = adaptive_thresholds.replay(make(), norms)
+    summary = adaptive_thresholds.summarise(norms, thresholds, spikes)
+    rows[name] = {key: summary[key] for key in ("clip_rate", "spikes_caught", "spikes")}
   return rows
 
 
