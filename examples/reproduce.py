@@ -11,11 +11,18 @@ and renders Markdown tables of ``median [min, max]`` into
 holds them to the committed files.
 
 Adding an experiment is one decorated function from a seed (and the loaded
-digits) to ``{row name: {metric: value}}``::
+digits) to ``{row name: {metric: value}}``; its table goes where the README
+says ``<!-- results:NAME -->`` / ``<!-- /results -->``::
 
-  @experiment("my-run", "python examples/my_run.py --seed {seed}", row_header="method")
-  def my_run(seed, dataset):
-    return {"default": {"test_accuracy": my_run.main([...])["test_accuracy"]}}
+  @experiment("my-example", "python examples/my_example.py --seed {seed}", row_header="run")
+  def my_example(seed, dataset):
+    from examples import my_example
+
+    result = my_example.main(["--seed", str(seed), "--quiet"])
+    return {"default": {"test_accuracy": result["test_accuracy"]}}
+
+then ``python examples/reproduce.py --only my-example --sync-docs``. Metrics
+named in ``METRICS`` get their column header and format.
 
 Examples::
 
