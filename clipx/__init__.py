@@ -16,7 +16,7 @@ from clipx.guards import (
 from clipx.norms import global_norm
 from clipx.per_example import PerExampleClipState, PerExampleGrad, clipped_grad
 from clipx.privacy import AddNoiseState, add_noise
-from clipx.stats import ClipStats, SkipStats, StatsReport, stats
+from clipx.stats import ClipStats, NonfiniteStats, SkipStats, StatsReport, stats
 from clipx.thresholds import (
   AutoClipState,
   EmaRatioState,
@@ -53,6 +53,7 @@ __all__ = [
   "EmaRatioState",
   "GlobalNormClipState",
   "LayerNormClipState",
+  "NonfiniteStats",
   "PerExampleClipState",
   "PerExampleGrad",
   "QuantileState",

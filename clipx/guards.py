@@ -13,16 +13,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipx import norms
-from clipx.stats import SkipStats
-from clipx.thresholds import check_positive, concrete_float
+from clipx import norms, validation
+from clipx.stats import NonfiniteStats, SkipStats
 
 
 class SkipNonfiniteState(NamedTuple):
   """State of :func:`skip_nonfinite`."""
 
   inner_state: Any
-  stats: SkipStats
+  stats: NonfiniteStats
 
 
 SkipNonfiniteState.clipx_kind = "skip_nonfinite"  # type: ignore[attr-defined]
@@ -42,13 +41,24 @@ SkipSpikesState.clipx_kind = "skip_spikes"  # type: ignore[attr-defined]
 
 def all_finite(tree: Any) -> jax.Array:
   """Whether every element of every leaf is finite (one reduction per shape)."""
+  return jnp.all(_finite_leaves(tree))
+
+
+def _finite_leaves(tree: Any) -> jax.Array:
+  """One bool per leaf of ``tree``: whether all its elements are finite."""
   leaves = norms.check_float_leaves(tree)
   if not leaves:
-    return jnp.bool_(True)
-  per_leaf = norms.per_leaf_reduce(
+    return jnp.ones((0,), jnp.bool_)
+  return norms.per_leaf_reduce(
     leaves, lambda x: jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
   )
-  return jnp.all(per_leaf)
+
+
+def _first_false(flags: jax.Array) -> jax.Array:
+  """The index of the first False in ``flags`` (int32), -1 when all are True."""
+  if flags.shape[0] == 0:
+    return jnp.int32(-1)
+  return jnp.where(jnp.all(flags), -1, jnp.argmin(flags)).astype(jnp.int32)
 
 
 def _select_step(keep, new_updates, new_state, old_state):
@@ -64,8 +74,20 @@ def skip_nonfinite(
   """Skips the step (zero update, inner state unchanged) when updates hold NaN/Inf.
 
   Unlike ``optax.apply_if_finite`` this has no limit after which bad steps are
-  applied anyway: a non-finite gradient never reaches the parameters. Skipped
-  steps are counted in ``clipx.stats(state)["skip_nonfinite"].skip_count``.
+  applied anyway: a non-finite gradient never reaches the parameters. The
+  inner optimizer's output is checked too, so a step that ``inner`` itself
+  makes non-finite (a NaN run-time threshold, an overflow in its arithmetic)
+  is skipped as well. Skipped steps are counted in
+  ``clipx.stats(state)["skip_nonfinite"]`` (:class:`clipx.NonfiniteStats`),
+  which also names the first leaf of the gradients that held NaN/Inf.
+
+  With gradient accumulation, wrap the accumulator, not the other way round:
+  ``clipx.skip_nonfinite(optax.MultiSteps(inner, k).gradient_transformation())``
+  skips a bad mini-batch before it is accumulated. Inside ``MultiSteps``
+  (``optax.MultiSteps(clipx.skip_nonfinite(inner), k)``) the NaN is already
+  in MultiSteps' accumulator, which keeps it (it resets by multiplying with
+  0), so every later step would be skipped; :func:`clipx.stats` warns when it
+  finds that nesting.
 
   Args:
     inner: the optimizer to protect, e.g. ``optax.chain(clipx..., optax.sgd(...))``.
@@ -85,26 +107,35 @@ def skip_nonfinite(
     >>> updates["w"], int(clipx.stats(state)["skip_nonfinite"].skip_count)
     (Array([0., 0.], dtype=float32), 1)
   """
+  validation.transformation("skip_nonfinite", "inner", inner)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    stats = SkipStats(
+    stats = NonfiniteStats(
       skipped=jnp.bool_(False),
       skip_count=jnp.zeros([], jnp.int32),
-      norm=jnp.full([], jnp.nan, jnp.float32),
-      threshold=jnp.full([], jnp.inf, jnp.float32),
+      nonfinite_leaf=jnp.full([], -1, jnp.int32),
     )
     return SkipNonfiniteState(inner.init(params), stats)
 
   def update_fn(updates, state, params=None, **extra_args):
-    finite = all_finite(updates)
+    finite_leaves = _finite_leaves(updates)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    finite = jnp.all(finite_leaves) & all_finite(new_updates)
+    bad_leaf = _first_false(finite_leaves)
     if axis_name is not None:
       finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
-    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+      # Every shard reports the same leaf: the first one bad on any shard.
+      bad_leaf = -jax.lax.pmax(
+        -jnp.where(bad_leaf < 0, jnp.iinfo(jnp.int32).max, bad_leaf), axis_name
+      )
+      bad_leaf = jnp.where(bad_leaf == jnp.iinfo(jnp.int32).max, -1, bad_leaf)
     new_updates, inner_state = _select_step(finite, new_updates, new_inner, state.inner_state)
     skipped = jnp.logical_not(finite)
-    stats = state.stats._replace(
-      skipped=skipped, skip_count=state.stats.skip_count + skipped.astype(jnp.int32)
+    stats = NonfiniteStats(
+      skipped=skipped,
+      skip_count=state.stats.skip_count + skipped.astype(jnp.int32),
+      nonfinite_leaf=bad_leaf,
     )
     return new_updates, SkipNonfiniteState(inner_state, stats)
 
@@ -126,14 +157,19 @@ def skip_spikes(
   state (momentum, Adam moments) left untouched. Non-finite norms are skipped
   too. The EMA (bias-corrected) is updated only with the norms of applied
   steps, so a spike does not raise the bar for the next one. During the first
-  ``warmup_steps`` steps nothing is skipped for spikes (the EMA is not yet
-  meaningful); non-finite steps are always skipped.
+  ``warmup_steps`` applied steps, and always before the first (an EMA of
+  nothing has no scale), nothing is skipped for spikes; non-finite steps are
+  always skipped.
+
+  With gradient accumulation, wrap the accumulator:
+  ``clipx.skip_spikes(optax.MultiSteps(inner, k).gradient_transformation())``
+  (see :func:`skip_nonfinite`).
 
   Args:
     inner: the optimizer to protect.
     factor: a step is skipped when ``norm > factor * ema``; must be > 1.
     decay: EMA decay of the norm, in (0, 1).
-    warmup_steps: number of applied steps before spikes can be skipped.
+    warmup_steps: number of applied steps before spikes can be skipped, >= 0.
     axis_name: inside ``shard_map``/``pmap``, the axis the updates are sharded
       over (the norm is then global over it).
 
@@ -146,16 +182,10 @@ def skip_spikes(
     Molybog et al., `A Theory on Adam Instability in Large-Scale Machine
     Learning <https://arxiv.org/abs/2304.09871>`_, 2023.
   """
-  check_positive("factor", factor)
-  # Traced values (inside optax.inject_hyperparams under jit) cannot be checked.
-  factor_value, decay_value = concrete_float(factor), concrete_float(decay)
-  warmup_value = concrete_float(warmup_steps)
-  if factor_value is not None and not factor_value > 1:
-    raise ValueError(f"clipx.skip_spikes: factor must be > 1, got {factor!r}.")
-  if decay_value is not None and not 0 < decay_value < 1:
-    raise ValueError(f"clipx.skip_spikes: decay must be in (0, 1), got {decay!r}.")
-  if warmup_value is not None and not warmup_value >= 0:
-    raise ValueError(f"clipx.skip_spikes: warmup_steps must be >= 0, got {warmup_steps!r}.")
+  validation.transformation("skip_spikes", "inner", inner)
+  validation.number("skip_spikes", "factor", factor, low=1.0)
+  validation.number("skip_spikes", "decay", decay, low=0.0, high=1.0, high_open=True)
+  validation.integer("skip_spikes", "warmup_steps", warmup_steps, 0)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -171,7 +201,8 @@ def skip_spikes(
   def update_fn(updates, state, params=None, **extra_args):
     norm = norms.global_norm(updates, axis_name=axis_name).astype(jnp.float32)
     debiased = state.ema / (1 - decay ** state.count.astype(jnp.float32))
-    threshold = jnp.where(state.count >= warmup_steps, factor * debiased, jnp.inf)
+    warm = (state.count >= warmup_steps) & (state.count > 0)  # count 0: debiased is 0 / 0
+    threshold = jnp.where(warm, factor * debiased, jnp.inf)
     keep = jnp.isfinite(norm) & (norm <= threshold)
     new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
     new_updates, inner_state = _select_step(keep, new_updates, new_inner, state.inner_state)

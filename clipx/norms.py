@@ -183,15 +183,37 @@ def leaf_sq_norms(leaves: Sequence[jax.Array]) -> jax.Array:
   return per_leaf_reduce(leaves, lambda x: sum_sq(x, _row_axes(x), dtype))
 
 
-def safe_divisor(m: jax.Array) -> jax.Array:
-  """A power-of-two multiple of the largest magnitude ``m`` to divide values by before squaring.
+# Exponent range of the divisors: 2**MIN_DIVISOR_EXPONENT is a normal float32
+# whose reciprocal is normal too, and m / 2**(e - 8) < 256 for m < 2**e.
+MIN_DIVISOR_EXPONENT = -100
 
-  ``m / 256`` where ``m`` is large: XLA CPU divides by multiplying with the
-  reciprocal, and ``1 / m`` near the float32 maximum is subnormal, flushed to
-  zero (a norm of 0.0 for ``[3e38, 1.0, -1e38]``). The quotients are then at
-  most 256, whose squares cannot overflow. 1 where ``m`` is 0.
+
+def safe_divisor(m: jax.Array) -> jax.Array:
+  """A power of two ``d`` with ``m / d < 256``, to divide values by before squaring.
+
+  ``2**(e - 8)`` for ``m`` in ``[2**(e - 1), 2**e)``, never below ``2**-100``.
+  A power of two, so dividing by it (XLA CPU multiplies by the reciprocal) is
+  exact, its reciprocal is never subnormal (``1 / m`` near the float32
+  maximum is, and was flushed to zero: a norm of 0.0 for ``[3e38, 1, -1e38]``),
+  and a norm kept as ``(d, r)`` with ``r = norm / d`` can be divided exactly by
+  ``d`` even where ``d * r`` exceeds float32's range. The quotients are below
+  256, so their squares cannot overflow. ``2**-8`` where ``m`` is 0 or not finite.
   """
-  return jnp.where(m > 2.0**-64, m * 2.0**-8, jnp.where(m > 0, m, 1)).astype(m.dtype)
+  _, exponent = jnp.frexp(m)
+  exponent = jnp.where(jnp.isfinite(m) & (m > 0), exponent, 0)
+  return jnp.ldexp(jnp.ones_like(m), jnp.maximum(exponent - 8, MIN_DIVISOR_EXPONENT))
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(x)`` whose derivative at 0 is 0, not inf.
+
+  The norm of a zero gradient then has derivative 0 (its subgradient), and a
+  clip differentiated at a zero gradient is the identity instead of NaN
+  (``0 * inf``). The inner ``where`` keeps the unused branch's inf out of the
+  backward pass.
+  """
+  zero = x == 0  # not x > 0: NaN must stay NaN
+  return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
 
 
 def max_and_scaled_norm(
@@ -199,23 +221,26 @@ def max_and_scaled_norm(
 ) -> tuple[jax.Array, jax.Array]:
   """``(d, r)`` over ``axes`` (kept): a divisor (:func:`safe_divisor`) and the norm of ``x / d``.
 
-  The norm is ``d * r``; the quotients are at most 256, so their squares cannot
-  overflow. Used only on the rare overflow path (two reads of ``x``). With
-  ``axis_name`` (inside ``shard_map``), ``x`` is one shard of arrays split over
-  that axis: the maximum and the sum are taken over all shards.
+  The norm is ``d * r``, which may exceed float32's range (``[fmax, fmax]``);
+  ``r`` never does on finite input: the quotients are below 256, so their
+  squares cannot overflow. Used only on the rare overflow path (two reads of
+  ``x``). With ``axis_name`` (inside ``shard_map``), ``x`` is one shard of
+  arrays split over that axis: the maximum and the sum are taken over all
+  shards. Zero-size reductions give ``r = 0``.
   """
-  m = jnp.abs(widen(x, dtype, reader=1)).astype(dtype).max(axis=axes, keepdims=True)
+  magnitude = jnp.abs(widen(x, dtype, reader=1)).astype(dtype)
+  m = jnp.max(magnitude, axis=axes, keepdims=True, initial=0.0)
   if axis_name is not None:
     m = lax.pmax(m, axis_name)
   d = safe_divisor(m)
   sq = jnp.sum(_abs_sq(widen(x, dtype) / d, dtype), axis=axes, keepdims=True)
-  root = jnp.sqrt(sq if axis_name is None else lax.psum(sq, axis_name))
+  root = safe_sqrt(sq if axis_name is None else lax.psum(sq, axis_name))
   # An infinite element has an infinite norm (inf * 0 would give NaN).
   return d, jnp.where(jnp.isinf(m), jnp.inf, root)
 
 
 def _scaled_leaf_norms(leaves: Sequence[jax.Array], dtype) -> tuple[jax.Array, jax.Array]:
-  """Per-leaf (divisor d, sqrt of sum of (x / d)^2): norm = d * that."""
+  """Per-leaf (divisor d, sqrt of sum of (x / d)^2): norm = d * that (see max_and_scaled_norm)."""
 
   def rows(x):
     m, root = max_and_scaled_norm(x, _row_axes(x), dtype)
@@ -225,21 +250,51 @@ def _scaled_leaf_norms(leaves: Sequence[jax.Array], dtype) -> tuple[jax.Array, j
   return both[:, 0], both[:, 1]
 
 
-def safe_vector_norm(values: jax.Array, segment_ids=None, num_segments=1) -> jax.Array:
-  """L2 norm of non-negative ``values`` (per segment) without overflow.
+def combine_norms(
+  divisors: jax.Array,
+  roots: jax.Array,
+  segment_ids: np.ndarray | None = None,
+  num_segments: int = 1,
+  *,
+  axis_name: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The L2 norms of groups of norms, each given as ``divisor * root``; as ``(D, R)`` again.
 
-  The vector is small (one entry per leaf), so factoring out the maximum costs
-  nothing and is always done.
+  Every divisor is a power of two (:func:`safe_divisor`), so ``D`` is the
+  group's largest divisor and ``R = sqrt(sum((d / D * r)**2))`` is exact up to
+  rounding and never overflows on finite input. A norm of 1 is ``(1, 1)``.
+  Without ``segment_ids`` all values form one group (shape ``(1,)``). With
+  ``axis_name`` each group spans every shard of that axis.
   """
   if segment_ids is None:
-    m = jnp.max(values, initial=0.0)
-    d = jnp.where(jnp.isfinite(m), safe_divisor(m), 1)
-    return d * jnp.sqrt(jnp.sum(jnp.square(values / d)))
-  m = jax.ops.segment_max(values, segment_ids, num_segments)
-  m = jnp.where(m == -jnp.inf, 0, m)  # an empty segment's max is -inf
+    segment_ids = np.zeros(divisors.shape[0], np.int32)
+  if divisors.shape[0] == 0:
+    return jnp.ones((num_segments,), roots.dtype), jnp.zeros((num_segments,), roots.dtype)
+  if num_segments == 1:  # no scatters for one group (compile time)
+    group_d = jnp.max(divisors, keepdims=True)
+  else:
+    group_d = jax.ops.segment_max(divisors, segment_ids, num_segments)
+    group_d = jnp.where(group_d == -jnp.inf, 1, group_d)  # an empty segment
+  if axis_name is not None:
+    group_d = lax.pmax(group_d, axis_name)
+  terms = jnp.square(divisors / group_d[segment_ids] * roots)
+  if num_segments == 1:
+    sq = jnp.sum(terms, keepdims=True)
+  else:
+    sq = jax.ops.segment_sum(terms, segment_ids, num_segments)
+  return group_d, safe_sqrt(sq if axis_name is None else lax.psum(sq, axis_name))
+
+
+def safe_vector_norm(values: jax.Array) -> jax.Array:
+  """L2 norm of a vector of non-negative finite-or-inf ``values`` without overflow.
+
+  The vector is small (one entry per leaf or unit), so factoring out its
+  largest entry costs nothing and is always done. A norm beyond float32's
+  range is inf.
+  """
+  m = jnp.max(values, initial=0.0)
   d = jnp.where(jnp.isfinite(m), safe_divisor(m), 1)
-  s = jax.ops.segment_sum(jnp.square(values / d[segment_ids]), segment_ids, num_segments)
-  return d * jnp.sqrt(s)
+  return d * safe_sqrt(jnp.sum(jnp.square(values / d)))
 
 
 def _merge_small_leaves(leaves: Sequence[jax.Array], dtype) -> list[jax.Array]:
@@ -275,25 +330,20 @@ def _merge_small_leaves(leaves: Sequence[jax.Array], dtype) -> list[jax.Array]:
   return large + merged
 
 
-def group_norms(
+def group_norms_split(
   leaves: Sequence[jax.Array],
   segment_ids: np.ndarray,
   num_segments: int,
   *,
   axis_name=None,
-) -> jax.Array:
-  """Overflow-safe L2 norms of groups of leaves: one float per group.
+) -> tuple[jax.Array, jax.Array]:
+  """Overflow-safe L2 norms of groups of leaves, as ``(divisor, root)`` vectors.
 
-  Args:
-    leaves: floating point arrays.
-    segment_ids: static int array, the group of each leaf.
-    num_segments: number of groups.
-    axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over
-      which each leaf is sharded; norms are then global over that axis, with one
-      ``psum`` of the vector of group sums of squares.
-
-  Returns:
-    A vector of ``num_segments`` norms in float32 (or wider for float64 input).
+  Each group's norm is ``divisor * root``: ``divisor`` is a power of two (1 on
+  the common path), and ``root`` is finite for every finite input, so a norm
+  beyond float32's range (``d * r`` is inf) can still be divided by exactly
+  (see :func:`clipx.transforms.clip_decision`). ``root`` is NaN or inf only
+  when the input holds NaN or Inf. Arguments as for :func:`group_norms`.
   """
   segment_ids = np.asarray(segment_ids, dtype=np.int32)
   dtype = _common_dtype(leaves)
@@ -312,23 +362,39 @@ def group_norms(
     sq = lax.psum(sq, axis_name)
 
   def common(_):
-    return jnp.sqrt(sq)
+    return jnp.ones_like(sq), safe_sqrt(sq)
 
   def fallback(leaves):
-    m, s = _scaled_leaf_norms(leaves, dtype)
-    if axis_name is None and num_segments == 1:  # no scatters for one group
-      return safe_vector_norm(m * s)[None]
-    if axis_name is None:
-      return safe_vector_norm(m * s, segment_ids, num_segments)
-    # Across shards: factor out each group's largest magnitude over all shards.
-    group_m = jax.ops.segment_max(m, segment_ids, num_segments)
-    group_m = lax.pmax(jnp.where(group_m == -jnp.inf, 0, group_m), axis_name)
-    d = jnp.where(jnp.isfinite(group_m), safe_divisor(group_m), 1)
-    local = jax.ops.segment_sum(jnp.square(m / d[segment_ids] * s), segment_ids, num_segments)
-    return d * jnp.sqrt(lax.psum(local, axis_name))
+    d, r = _scaled_leaf_norms(leaves, dtype)
+    return combine_norms(d, r, segment_ids, num_segments, axis_name=axis_name)
 
   # One cond for the whole tree: a cond per leaf compiles tens of times slower.
   return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, list(leaves))
+
+
+def group_norms(
+  leaves: Sequence[jax.Array],
+  segment_ids: np.ndarray,
+  num_segments: int,
+  *,
+  axis_name=None,
+) -> jax.Array:
+  """Overflow-safe L2 norms of groups of leaves: one float per group.
+
+  Args:
+    leaves: floating point arrays.
+    segment_ids: static int array, the group of each leaf.
+    num_segments: number of groups.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis (or axes) over
+      which each leaf is sharded; norms are then global over that axis, with one
+      ``psum`` of the vector of group sums of squares.
+
+  Returns:
+    A vector of ``num_segments`` norms in float32 (or wider for float64 input);
+    inf only for NaN/Inf input or a norm beyond float32's range (about 3.4e38).
+  """
+  divisor, root = group_norms_split(leaves, segment_ids, num_segments, axis_name=axis_name)
+  return divisor * root
 
 
 def global_norm(tree: Any, *, axis_name: Any = None) -> jax.Array:

@@ -42,10 +42,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from clipx import norms
+from clipx import norms, scaling, validation
 from clipx.stats import ClipStats
 from clipx.thresholds import QuantileState, ScheduleState, as_policy
-from clipx.transforms import GroupFn, Threshold, clip_decision, layer_groups
+from clipx.transforms import GROUP_MODES, GroupFn, Threshold, layer_groups
 
 # Policies whose threshold for a batch is known before its norms are: the
 # state alone fixes it. That is what lets a chunk clip its examples before the
@@ -115,8 +115,12 @@ def per_example_norms(
   num_groups: int,
   *,
   recompute: tuple[Callable[[Any], list[jax.Array]], Any] | None = None,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
   """Overflow-safe norms of each example's groups of leaves, shape ``(b, num_groups)``.
+
+  As ``(divisor, root)`` with norm ``divisor * root`` (see
+  :func:`clipx.norms.group_norms_split`), so a norm beyond float32's range is
+  still clipped.
 
   Args:
     leaves: per-example gradients, each of shape ``(b, ...)``.
@@ -129,7 +133,7 @@ def per_example_norms(
       about 25% slower on CPU (measured on the digits CNN at batch 256).
 
   Returns:
-    Float32 (or wider) norms; one scalar ``lax.cond`` guards the whole batch.
+    Float32 (or wider) ``(divisor, root)``; one scalar ``lax.cond`` guards the whole batch.
   """
   # Sums of squares of every (example, leaf): one read of each gradient.
   sq = jax.vmap(norms.leaf_sq_norms)(leaves)  # (b, leaves)
@@ -141,12 +145,15 @@ def per_example_norms(
     # Rare (some example's sum of squares overflowed, or is NaN/Inf): each
     # leaf's norm with its largest magnitude factored out, as in group_norms.
     def one_example(example_leaves):
-      m, s = norms._scaled_leaf_norms(example_leaves, dtype)
-      return norms.safe_vector_norm(m * s, segment_ids, num_groups)
+      d, r = norms._scaled_leaf_norms(example_leaves, dtype)
+      return norms.combine_norms(d, r, segment_ids, num_groups)
 
     return jax.vmap(one_example)(fn(operands))
 
-  return lax.cond(jnp.all(jnp.isfinite(sq)), lambda _: jnp.sqrt(sq), fallback, operands)
+  def common(_):
+    return jnp.ones_like(sq), norms.safe_sqrt(sq)
+
+  return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, operands)
 
 
 # Convolutions as matrix products.
@@ -329,8 +336,9 @@ class PerExampleGrad:
       grads, aux = gradients((params, examples))
       leaves = norms.check_float_leaves(grads, "gradient")
       recompute = (lambda operands: jax.tree.leaves(gradients(operands)[0]), (params, examples))
-      norm = per_example_norms(leaves, ids, count, recompute=recompute)  # (b, groups)
-      clipped, scale = clip_decision(norm, threshold)
+      divisor, root = per_example_norms(leaves, ids, count, recompute=recompute)  # (b, groups)
+      decision = scaling.decide(divisor, root, threshold)
+      norm, clipped, scale = decision.norm, decision.clipped, decision.scale
       # Weight of each example in the sum: its scale where clipped, 1 where not
       # (an unclipped gradient is summed as it is), 0 for padding. Padding
       # examples are copies of real ones, so a NaN there is also a NaN in the
@@ -370,7 +378,7 @@ class PerExampleGrad:
     clip_count = state.clip_count + jnp.sum(clipped, axis=0, dtype=jnp.int32)
     stats = ClipStats(
       norm=norm,
-      clipped_norm=norm * scale,
+      clipped_norm=jnp.where(clipped, threshold, norm),
       threshold=threshold,
       scale=scale,
       clipped=clipped,
@@ -517,9 +525,8 @@ def clipped_grad(
       f"clipx.clipped_grad: conv_as_matmul must be True, False or None, got {conv_as_matmul!r}."
     )
   if group is not None:
-    # Validates the argument now rather than at the first call.
-    layer_groups({}, group)
-  policy = as_policy(max_norm, "max_norm")
+    validation.choice("clipped_grad", "group", group, GROUP_MODES, function=True)
+  policy = as_policy(max_norm, "max_norm", "clipped_grad")
   probe = policy.init(jnp.zeros(()))
   if not isinstance(probe, _BATCH_POLICY_STATES):
     raise TypeError(

@@ -14,7 +14,6 @@ transform, so accounting helpers have a home if they are added.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import chex
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipx.thresholds import check_positive, concrete_float
+from clipx import validation
 
 
 class AddNoiseState(NamedTuple):
@@ -82,10 +81,12 @@ def add_noise(
   ``sqrt(sum of squared per-layer bounds)``.
 
   Args:
-    noise_multiplier: std of the noise relative to the sensitivity, >= 0 (0 adds
-      nothing: useful to compare with a non-private run; no privacy).
-    max_norm: the per-example clipping bound (the L2 sensitivity of the sum), > 0.
-    batch_size: the number the sum was divided by: the (expected) batch size, > 0.
+    noise_multiplier: std of the noise relative to the sensitivity, finite and
+      >= 0 (0 adds nothing: useful to compare with a non-private run; no privacy).
+    max_norm: the per-example clipping bound (the L2 sensitivity of the sum),
+      finite and > 0.
+    batch_size: the number the sum was divided by: the (expected) batch size,
+      finite and > 0.
     key: ``jax.random.key(seed)``, a raw ``jax.random.PRNGKey(seed)``, or an int seed.
 
   Returns:
@@ -106,16 +107,11 @@ def add_noise(
     >>> round(float(jnp.std(updates["w"])), 4)  # 0.1 * 1.0 * 1.0 / 100
     0.001
   """
-  # None when traced (inside inject_hyperparams): checked when first given.
-  multiplier = (
-    math.nan if isinstance(noise_multiplier, (bool, np.bool_)) else concrete_float(noise_multiplier)
-  )
-  if multiplier is not None and not multiplier >= 0:
-    raise ValueError(
-      f"clipx.add_noise: noise_multiplier must be >= 0 (and not NaN), got {noise_multiplier!r}."
-    )
-  check_positive("max_norm", max_norm)
-  check_positive("batch_size", batch_size)
+  # Finite: an infinite batch size or bound would make the noise 0 or inf,
+  # and privacy would be lost (or the update destroyed) without a word.
+  validation.nonnegative("add_noise", "noise_multiplier", noise_multiplier, finite=True)
+  validation.positive("add_noise", "max_norm", max_norm, finite=True)
+  validation.positive("add_noise", "batch_size", batch_size, finite=True)
   initial_key = _as_key(key)
   impl = jax.random.key_impl(initial_key)
 

@@ -8,11 +8,13 @@ any optimizer state (through ``optax.chain``, ``inject_hyperparams``,
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 class ClipStats(NamedTuple):
@@ -39,19 +41,36 @@ class ClipStats(NamedTuple):
 
 
 class SkipStats(NamedTuple):
-  """Statistics of a response wrapper that skips whole optimizer steps.
+  """Statistics of :func:`clipx.skip_spikes`, which skips whole optimizer steps.
 
   Attributes:
     skipped: whether the latest step was skipped.
     skip_count: number of steps skipped so far.
-    norm: the global norm the decision was based on (NaN when not measured).
-    threshold: the norm above which a step is skipped (inf when not used).
+    norm: the global norm the decision was based on.
+    threshold: the norm above which a step is skipped (inf during warm-up).
   """
 
   skipped: jax.Array
   skip_count: jax.Array
   norm: jax.Array
   threshold: jax.Array
+
+
+class NonfiniteStats(NamedTuple):
+  """Statistics of :func:`clipx.skip_nonfinite`.
+
+  Attributes:
+    skipped: whether the latest step was skipped (NaN/Inf in the gradients or
+      in the inner optimizer's update).
+    skip_count: number of steps skipped so far.
+    nonfinite_leaf: index, in the gradients' leaf order
+      (``jax.tree.leaves(grads)``), of the first leaf that held NaN/Inf in the
+      latest step; -1 when every leaf was finite.
+  """
+
+  skipped: jax.Array
+  skip_count: jax.Array
+  nonfinite_leaf: jax.Array
 
 
 def init_clip_stats(shape: tuple[int, ...] = (), dtype=jnp.float32) -> ClipStats:
@@ -72,11 +91,14 @@ def _kind_of(node: Any) -> str | None:
 
 
 class StatsReport(dict):
-  """``{name: ClipStats | SkipStats}`` for every clipx transform in a state.
+  """``{name: ClipStats | SkipStats | NonfiniteStats}`` for every clipx transform in a state.
 
   Names are the transform kind (``"global"``, ``"layer"``, ``"agc"``,
   ``"value"``, ``"skip_nonfinite"``, ``"skip_spikes"``), suffixed with
   ``.1``, ``.2``, ... when a kind occurs more than once, in state order.
+
+  A registered pytree: a jitted step can return it, and ``jax.device_get``
+  or ``jax.tree.map`` see its arrays.
   """
 
   def as_dict(self, prefix: str = "clip") -> dict[str, float]:
@@ -115,6 +137,17 @@ class StatsReport(dict):
   __repr__ = __str__
 
 
+jax.tree_util.register_pytree_with_keys(
+  StatsReport,
+  lambda report: (
+    [(jax.tree_util.DictKey(name), value) for name, value in report.items()],
+    tuple(report),
+  ),
+  lambda names, values: StatsReport(zip(names, values)),
+  flatten_func=lambda report: (list(report.values()), tuple(report)),
+)
+
+
 def _find_clipx_states(tree: Any) -> list[Any]:
   """The clipx states in ``tree``, outer before inner, in leaf order.
 
@@ -127,6 +160,24 @@ def _find_clipx_states(tree: Any) -> list[Any]:
       found.append(node)
       found.extend(_find_clipx_states([v for v in node if v is not node.stats]))
   return found
+
+
+def _warn_skip_inside_multisteps(opt_state: Any) -> None:
+  """Warns when a skip wrapper's state sits inside ``optax.MultiSteps``' state."""
+  for node in jax.tree_util.tree_leaves(
+    opt_state, is_leaf=lambda n: isinstance(n, optax.MultiStepsState)
+  ):
+    if not isinstance(node, optax.MultiStepsState):
+      continue
+    inner = _find_clipx_states(node.inner_opt_state)
+    if any(_kind_of(state) in ("skip_nonfinite", "skip_spikes") for state in inner):
+      warnings.warn(
+        "clipx: a skip wrapper is inside optax.MultiSteps, whose accumulator keeps a NaN"
+        " mini-batch for good; wrap the accumulator instead:"
+        " clipx.skip_nonfinite(optax.MultiSteps(inner, k).gradient_transformation()).",
+        stacklevel=3,
+      )
+      return
 
 
 def stats(opt_state: Any) -> StatsReport:
@@ -150,6 +201,7 @@ def stats(opt_state: Any) -> StatsReport:
     4.0
   """
   found = _find_clipx_states(opt_state)
+  _warn_skip_inside_multisteps(opt_state)
   counts: dict[str, int] = {}
   report = StatsReport()
   for node in found:

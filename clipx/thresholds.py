@@ -17,7 +17,6 @@ A plain float (or array) and an Optax schedule are policies too:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from clipx import validation
 
 
 class ThresholdPolicy(NamedTuple):
@@ -48,43 +49,25 @@ class ScheduleState(NamedTuple):
 
 def concrete_float(value: Any) -> float | None:
   """``value`` as a Python float, or None when it is traced (unknown)."""
-  try:
-    return float(np.asarray(value))
-  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+  if isinstance(value, jax.core.Tracer):
     return None
+  return float(np.asarray(value))
 
 
-def check_positive(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is a positive number (traced values pass).
-
-  Inside ``optax.inject_hyperparams`` under ``jit`` the value is traced and
-  cannot be checked; it was checked when the state was initialised.
-  """
-  if isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"clipx: {name} must be a positive number, got {value!r}.")
-  try:
-    array = np.asarray(value)
-  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-    return
-  if not np.issubdtype(array.dtype, np.number):
-    raise ValueError(f"clipx: {name} must be a positive number, got {value!r}.")
-  if array.size and not (np.all(array > 0) and not np.any(np.isnan(array))):
-    raise ValueError(
-      f"clipx: {name} must be positive (> 0) and not NaN, got {value!r}."
-      f" To disable clipping use {name}=float('inf') or leave the transform out."
-    )
-
-
-def constant(value: chex.Numeric, name: str = "max_norm") -> ThresholdPolicy:
+def constant(
+  value: chex.Numeric, name: str = "max_norm", owner: str = "constant"
+) -> ThresholdPolicy:
   """A fixed threshold.
 
   Args:
-    value: a positive number (``inf`` means never clip). It may be a traced
-      array, as inside ``optax.inject_hyperparams``, so changing it between
-      steps needs no recompilation.
+    value: a positive number (``inf`` means never clip), or an array of them
+      that broadcasts against the norm. It may be a traced array, as inside
+      ``optax.inject_hyperparams``, so changing it between steps needs no
+      recompilation.
     name: the argument name used in error messages.
+    owner: the public function it was given to, for error messages.
   """
-  check_positive(name, value)
+  validation.positive(owner, name, value, array=True)
 
   def init(norm):
     del norm
@@ -113,15 +96,29 @@ def schedule(fn: Callable[[jax.Array], chex.Numeric]) -> ThresholdPolicy:
   return ThresholdPolicy(init, update)
 
 
-def as_policy(threshold: Any, name: str = "max_norm") -> ThresholdPolicy:
-  """Turns a float, an array, an Optax schedule or a policy into a policy."""
+def as_policy(threshold: Any, name: str = "max_norm", owner: str = "as_policy") -> ThresholdPolicy:
+  """Turns a float, an array, an Optax schedule or a policy into a policy.
+
+  Raises ``TypeError`` for anything else, naming ``owner``'s argument ``name``:
+  ``None``, strings, complex numbers, a type, and a clipx policy constructor
+  that was not called (``clipx.zclip`` for ``clipx.zclip()``).
+  """
   if isinstance(threshold, ThresholdPolicy):
     return threshold
-  if callable(threshold):
+  if getattr(threshold, "clipx_policy_factory", False):
+    raise TypeError(
+      f"clipx.{owner}: {name} is the policy constructor clipx.{threshold.__name__}, not a"
+      f" policy; call it: clipx.{threshold.__name__}()."
+    )
+  if callable(threshold) and not isinstance(threshold, type | jax.Array | np.ndarray):
     return schedule(threshold)
-  if isinstance(threshold, float) and math.isinf(threshold) and threshold < 0:
-    raise ValueError(f"clipx: {name} must be positive, got {threshold!r}.")
-  return constant(threshold, name)
+  return constant(threshold, name, owner)
+
+
+def policy_factory(factory: Callable[..., ThresholdPolicy]) -> Callable[..., ThresholdPolicy]:
+  """Marks a policy constructor, so passing it uncalled is caught by :func:`as_policy`."""
+  factory.clipx_policy_factory = True  # type: ignore[attr-defined]
+  return factory
 
 
 # Adaptive policies.
@@ -140,34 +137,10 @@ def as_policy(threshold: Any, name: str = "max_norm") -> ThresholdPolicy:
 # - Statistics are kept in float32 (or wider, if the norms are).
 
 
-def _check_fraction(name: str, value: Any, low: float, high: float, closed_high: bool) -> None:
-  """Raises ValueError unless ``low < value < high`` (``<= high`` when closed)."""
-  number = concrete_float(value) if not isinstance(value, (bool, np.bool_)) else math.nan
-  if number is None:
-    return  # traced inside inject_hyperparams; checked when the state was initialised
-  ok = low < number <= high if closed_high else low < number < high
-  if not ok:
-    bracket = "]" if closed_high else ")"
-    raise ValueError(f"clipx: {name} must be in ({low:g}, {high:g}{bracket}, got {value!r}.")
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-  """Raises ValueError unless ``value`` is an integer >= ``minimum`` (traced values pass)."""
-  number = concrete_float(value) if not isinstance(value, (bool, np.bool_)) else math.nan
-  if number is None:
-    return
-  if not (number == math.floor(number) and number >= minimum):
-    raise ValueError(f"clipx: {name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_greater_than_one(name: str, value: Any) -> None:
-  check_positive(name, value)
-  number = concrete_float(value)
-  if number is not None and not number > 1:
-    raise ValueError(
-      f"clipx: {name} must be > 1, got {value!r}: the statistic is updated with the"
-      " clipped norm, so a bound at or below it can only shrink, down to zero."
-    )
+def _check_ratio_above_one(owner: str, name: str, value: Any) -> None:
+  validation.number(owner, name, value, low=1.0)
+  # The statistic is updated with the clipped norm, so a bound at or below it
+  # can only shrink, down to zero.
 
 
 def _stat_dtype(norm: jax.Array) -> jnp.dtype:
@@ -186,6 +159,18 @@ def _increment(count: jax.Array, record: jax.Array) -> jax.Array:
 
 def _threshold(value: jax.Array, norm: jax.Array) -> jax.Array:
   return jnp.broadcast_to(value, jnp.shape(norm)).astype(_stat_dtype(norm))
+
+
+def _capped(threshold: jax.Array, max_threshold: chex.Numeric) -> jax.Array:
+  """``min(threshold, max_threshold)``: the cap holds at every step, warm-up included."""
+  return jnp.minimum(threshold, jnp.asarray(max_threshold, threshold.dtype))
+
+
+def _check_common(owner: str, warmup_steps: Any, initial: Any, max_threshold: Any) -> None:
+  """The arguments every adaptive policy shares."""
+  validation.integer(owner, "warmup_steps", warmup_steps, 1)
+  validation.positive(owner, "initial", initial)
+  validation.positive(owner, "max_threshold", max_threshold)
 
 
 class AutoClipState(NamedTuple):
@@ -222,12 +207,14 @@ def _window_percentile(norms: jax.Array, count: jax.Array, percentile: jax.Array
   return jnp.where(fraction >= 0.5, high - step * (1 - fraction), low + step * fraction)
 
 
+@policy_factory
 def autoclip(
   percentile: chex.Numeric = 10.0,
   history: int = 1000,
   *,
   warmup_steps: int = 10,
   initial: chex.Numeric = float("inf"),
+  max_threshold: chex.Numeric = float("inf"),
 ) -> ThresholdPolicy:
   """AutoClip: the threshold is a percentile of the recent gradient norms.
 
@@ -243,9 +230,10 @@ def autoclip(
   buffer of fixed size ``history`` keeps memory constant (it lives in the
   optimizer state) and lets the threshold follow the norm's drift over
   training. And the paper appends the current norm before taking the
-  percentile; here the threshold uses past norms only, as in the authors'
-  ``autoclip`` package, so a step is judged against history it did not shape
-  (for a long window the two agree to within one sample).
+  percentile (the authors' code, ``pseeth/autoclip``, does the same); here
+  the threshold uses past norms only, as the third-party ``autoclip`` package
+  on PyPI does, so a step is judged against history it did not shape (for a
+  long window the two agree to within one sample).
 
   Warm-up: until ``warmup_steps`` norms have been recorded the threshold is
   ``initial``. Non-finite and zero norms are not recorded.
@@ -256,6 +244,8 @@ def autoclip(
     history: the window length (a Python int; it sets the state's shape).
     warmup_steps: norms recorded before the percentile is used; >= 1.
     initial: the threshold during warm-up, > 0 (``inf``: no clipping).
+    max_threshold: an upper cap on the threshold at every step, warm-up
+      included, > 0 (``inf``: no cap).
 
   Returns:
     A :class:`ThresholdPolicy` whose state is :class:`AutoClipState`.
@@ -273,15 +263,14 @@ def autoclip(
     >>> float(threshold)  # median of 1, 2, 3
     2.0
   """
-  _check_fraction("percentile", percentile, 0.0, 100.0, closed_high=True)
-  _check_count("history", history, 1)
-  _check_count("warmup_steps", warmup_steps, 1)
-  check_positive("initial", initial)
+  validation.number("autoclip", "percentile", percentile, low=0.0, high=100.0)
+  validation.integer("autoclip", "history", history, 1)
+  _check_common("autoclip", warmup_steps, initial, max_threshold)
 
   def init(norm):
     dtype = _stat_dtype(norm)
     size = concrete_float(history)
-    if size is None:
+    if size is None:  # traced: only inside jit
       raise TypeError(
         "clipx.autoclip: history sets the shape of the state and must be a Python int;"
         " inside optax.inject_hyperparams pass static_args=('history',)."
@@ -297,6 +286,7 @@ def autoclip(
     size = state.norms.shape[0]
     past = _window_percentile(state.norms, state.count, percentile)
     threshold = jnp.where(state.count >= warmup_steps, past, jnp.asarray(initial, past.dtype))
+    threshold = _capped(threshold, max_threshold)
     record = _recordable(norm)
     slot = jnp.arange(size).reshape((size,) + (1,) * state.count.ndim)
     write = (slot == state.count % size) & record
@@ -324,6 +314,7 @@ class ZClipState(NamedTuple):
 _ZCLIP_MODES = ("reciprocal", "clip_to_max")
 
 
+@policy_factory
 def zclip(
   z_threshold: chex.Numeric = 2.5,
   alpha: chex.Numeric = 0.97,
@@ -331,6 +322,7 @@ def zclip(
   mode: str = "reciprocal",
   *,
   initial: chex.Numeric = float("inf"),
+  max_threshold: chex.Numeric = float("inf"),
 ) -> ThresholdPolicy:
   """ZClip: clip norms whose z-score against an EMA of past norms is too high.
 
@@ -368,6 +360,10 @@ def zclip(
     warmup_steps: norms recorded before clipping starts; >= 1.
     mode: ``"reciprocal"`` or ``"clip_to_max"`` (see above).
     initial: the threshold during warm-up, > 0 (``inf``: no clipping).
+    max_threshold: an upper cap on the threshold at every step, warm-up
+      included, > 0. The default ``inf`` sets no cap; the authors' code caps
+      at ``max_grad_norm=1.0`` by default, so ``zclip(max_threshold=1.0)``
+      matches it. The statistics see the norm clipped by the capped threshold.
 
   Returns:
     A :class:`ThresholdPolicy` whose state is :class:`ZClipState`.
@@ -386,12 +382,10 @@ def zclip(
     >>> float(threshold)  # 2 + 2.5 * 1
     4.5
   """
-  check_positive("z_threshold", z_threshold)
-  _check_fraction("alpha", alpha, 0.0, 1.0, closed_high=False)
-  _check_count("warmup_steps", warmup_steps, 1)
-  check_positive("initial", initial)
-  if mode not in _ZCLIP_MODES:
-    raise ValueError(f"clipx.zclip: mode must be one of {_ZCLIP_MODES}, got {mode!r}.")
+  validation.positive("zclip", "z_threshold", z_threshold)
+  validation.number("zclip", "alpha", alpha, low=0.0, high=1.0, high_open=True)
+  _check_common("zclip", warmup_steps, initial, max_threshold)
+  validation.choice("zclip", "mode", mode, _ZCLIP_MODES)
 
   def init(norm):
     shape, dtype = jnp.shape(norm), _stat_dtype(norm)
@@ -407,7 +401,8 @@ def zclip(
     decay = jnp.asarray(alpha, dtype)
     warm = state.count >= warmup_steps
     std = jnp.sqrt(state.var)
-    bound = state.mean + z * std
+    # z = inf means no norm is a spike, even where std = 0 (inf * 0 would be NaN).
+    bound = jnp.where(jnp.isinf(z), jnp.inf, state.mean + z * std)
     spike = x > bound
     if mode == "reciprocal":
       # mu + z_t * std / (z / z_t) with z = (x - mu) / std, written without
@@ -419,6 +414,7 @@ def zclip(
     threshold = jnp.where(
       warm, jnp.where(spike, spike_threshold, bound), jnp.asarray(initial, dtype)
     )
+    threshold = _capped(threshold, max_threshold)
 
     # After warm-up the statistics see the norm as clipped, so a spike cannot
     # inflate the bound that is meant to catch the next one.
@@ -429,9 +425,12 @@ def zclip(
     delta = effective - state.mean
     welford_mean = state.mean + delta / seen
     welford_var = state.var + (delta * (effective - welford_mean) - state.var) / seen
-    record = _recordable(x)
-    mean = jnp.where(record, jnp.where(warm, ema_mean, welford_mean), state.mean)
-    var = jnp.where(record, jnp.where(warm, ema_var, welford_var), state.var)
+    new_mean = jnp.where(warm, ema_mean, welford_mean)
+    new_var = jnp.where(warm, ema_var, welford_var)
+    # Nothing non-finite enters the state: it would poison every later bound.
+    record = _recordable(x) & jnp.isfinite(new_mean) & jnp.isfinite(new_var)
+    mean = jnp.where(record, new_mean, state.mean)
+    var = jnp.where(record, new_var, state.var)
     new_state = ZClipState(_increment(state.count, record), mean, var)
     return _threshold(threshold, norm), new_state
 
@@ -451,12 +450,14 @@ class EmaRatioState(NamedTuple):
   ema: jax.Array
 
 
+@policy_factory
 def ema_ratio(
   ratio: chex.Numeric = 2.0,
   decay: chex.Numeric = 0.95,
   *,
   warmup_steps: int = 10,
   initial: chex.Numeric = float("inf"),
+  max_threshold: chex.Numeric = float("inf"),
 ) -> ThresholdPolicy:
   """Clip to ``ratio`` times an exponential moving average of the clipped norm.
 
@@ -478,6 +479,8 @@ def ema_ratio(
     decay: EMA decay, in (0, 1). OLMo uses the larger of Adam's betas (0.95).
     warmup_steps: norms recorded before clipping starts; >= 1.
     initial: the threshold during warm-up, > 0 (``inf``: no clipping).
+    max_threshold: an upper cap on the threshold at every step, warm-up
+      included, > 0 (``inf``: no cap); the EMA sees the norm clipped by it.
 
   Returns:
     A :class:`ThresholdPolicy` whose state is :class:`EmaRatioState`.
@@ -498,10 +501,9 @@ def ema_ratio(
     >>> float(threshold), round(float(state.ema), 4)  # EMA moves with the clipped norm, 4
     (4.0, 2.1)
   """
-  _check_greater_than_one("ratio", ratio)
-  _check_fraction("decay", decay, 0.0, 1.0, closed_high=False)
-  _check_count("warmup_steps", warmup_steps, 1)
-  check_positive("initial", initial)
+  _check_ratio_above_one("ema_ratio", "ratio", ratio)
+  validation.number("ema_ratio", "decay", decay, low=0.0, high=1.0, high_open=True)
+  _check_common("ema_ratio", warmup_steps, initial, max_threshold)
 
   def init(norm):
     dtype = _stat_dtype(norm)
@@ -515,10 +517,12 @@ def ema_ratio(
     beta = jnp.asarray(decay, dtype)
     warm = state.count >= warmup_steps
     threshold = jnp.where(warm, jnp.asarray(ratio, dtype) * state.ema, jnp.asarray(initial, dtype))
+    threshold = _capped(threshold, max_threshold)
     ema_update = beta * state.ema + (1 - beta) * jnp.minimum(x, threshold)
     mean_update = state.ema + (x - state.ema) / (state.count + 1).astype(dtype)
-    record = _recordable(x)
-    ema = jnp.where(record, jnp.where(warm, ema_update, mean_update), state.ema)
+    new_ema = jnp.where(warm, ema_update, mean_update)
+    record = _recordable(x) & jnp.isfinite(new_ema)
+    ema = jnp.where(record, new_ema, state.ema)
     return _threshold(threshold, norm), EmaRatioState(_increment(state.count, record), ema)
 
   return ThresholdPolicy(init, update)
@@ -530,10 +534,13 @@ class QuantileState(NamedTuple):
   threshold: jax.Array
 
 
+@policy_factory
 def quantile(
   target_quantile: chex.Numeric = 0.5,
   learning_rate: chex.Numeric = 0.2,
   initial: chex.Numeric = 1.0,
+  *,
+  max_threshold: chex.Numeric = float("inf"),
 ) -> ThresholdPolicy:
   """A threshold driven geometrically toward a target quantile of the norms.
 
@@ -548,8 +555,10 @@ def quantile(
   one extra leading axis, shape ``(B,) + state shape``. Then ``b`` is the
   fraction of the batch left unclipped, the returned threshold has the
   state's shape, and it is the threshold *before* this step's update (the one
-  to clip this batch with), as in the paper. Non-finite norms are left out of
-  the fraction; with none finite the threshold does not move. Private
+  to clip this batch with), as in the paper. Non-finite and zero norms are
+  left out of the fraction, as every policy leaves them out of its
+  statistics (a frozen layer's zero norms would otherwise drive its threshold
+  down to nothing); with none left the threshold does not move. Private
   training must add noise to the unclipped count itself (the paper's
   ``sigma_b``); this policy computes the exact fraction.
 
@@ -562,6 +571,8 @@ def quantile(
       or 1 the threshold would drift to zero or infinity.
     learning_rate: step size of the geometric update, > 0 (the paper uses 0.2).
     initial: the starting threshold, positive and finite.
+    max_threshold: an upper cap on the threshold, > 0 (``inf``: no cap); the
+      threshold is kept at or below it.
 
   Returns:
     A :class:`ThresholdPolicy` whose state is :class:`QuantileState`.
@@ -579,15 +590,16 @@ def quantile(
     >>> float(threshold), float(state.threshold)  # b = 0.5 = target: no change
     (1.0, 1.0)
   """
-  _check_fraction("target_quantile", target_quantile, 0.0, 1.0, closed_high=False)
-  check_positive("learning_rate", learning_rate)
-  check_positive("initial", initial)
-  start = concrete_float(initial)
-  if start is not None and math.isinf(start):
-    raise ValueError(f"clipx.quantile: initial must be finite, got {initial!r}.")
+  validation.number(
+    "quantile", "target_quantile", target_quantile, low=0.0, high=1.0, high_open=True
+  )
+  validation.positive("quantile", "learning_rate", learning_rate, finite=True)
+  validation.positive("quantile", "initial", initial, finite=True)
+  validation.positive("quantile", "max_threshold", max_threshold)
 
   def init(norm):
-    return QuantileState(jnp.full(jnp.shape(norm), initial, _stat_dtype(norm)))
+    start = _capped(jnp.asarray(initial, _stat_dtype(norm)), max_threshold)
+    return QuantileState(jnp.full(jnp.shape(norm), start, _stat_dtype(norm)))
 
   def update(norm, state):
     current = state.threshold
@@ -602,15 +614,16 @@ def quantile(
         f" {current.shape} or one leading batch axis in front of it."
       )
     batch = batch.astype(current.dtype)
-    finite = jnp.isfinite(batch)
-    counted = jnp.sum(finite, axis=0)
-    unclipped = jnp.sum(finite & (batch <= current), axis=0)
+    recorded = _recordable(batch)
+    counted = jnp.sum(recorded, axis=0)
+    unclipped = jnp.sum(recorded & (batch <= current), axis=0)
     fraction = unclipped.astype(current.dtype) / jnp.maximum(counted, 1).astype(current.dtype)
     step = jnp.asarray(learning_rate, current.dtype) * (
       fraction - jnp.asarray(target_quantile, current.dtype)
     )
     info = jnp.finfo(current.dtype)
-    moved = jnp.clip(current * jnp.exp(-step), info.tiny, info.max)
+    ceiling = jnp.minimum(info.max, jnp.asarray(max_threshold, current.dtype))
+    moved = jnp.clip(current * jnp.exp(-step), info.tiny, ceiling)
     new_threshold = jnp.where(counted > 0, moved, current)
     return current, QuantileState(new_threshold)
 

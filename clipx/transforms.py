@@ -7,7 +7,9 @@ did as :class:`clipx.ClipStats` in its state.
 Numerics shared by every scope (see ``DESIGN.md``):
 - norms come from :mod:`clipx.norms`: float32 accumulation, no overflow on
   finite input;
-- ``scale = threshold / norm`` only where ``norm > threshold``; elsewhere the
+- ``scale = threshold / norm`` only where ``norm > threshold``, applied as two
+  factors when it is below float32's normal range (:func:`clipx.scaling.decide`),
+  and exact even for a norm beyond float32's range; elsewhere the
   scale is exactly 1 (the output of a ``lax.cond``, so no gradient reaches the
   threshold), and the leaf comes back bit for bit, except that a backend which
   flushes subnormals in arithmetic (XLA CPU) flushes them in this multiply as
@@ -16,6 +18,12 @@ Numerics shared by every scope (see ``DESIGN.md``):
 - a non-finite norm (NaN/Inf in the input) is never clipped: the bad values
   reach the optimizer unchanged, as they would without clipping, rather than
   being turned into zeros. Use :func:`clipx.skip_nonfinite` to skip such steps.
+  A norm beyond float32's range from finite input is reported as ``inf`` in
+  the statistics and clipped all the same;
+- a run-time threshold (schedule, ``inject_hyperparams``) of 0 scales to zero,
+  and a NaN or negative one makes the update NaN in every scope (see
+  :func:`clipx.scaling.decide`);
+- an empty (zero-size) leaf has norm 0 and passes through.
 """
 
 from __future__ import annotations
@@ -31,9 +39,9 @@ import numpy as np
 import optax
 from jax import lax
 
-from clipx import norms, scaling
+from clipx import norms, scaling, validation
 from clipx.stats import ClipStats, init_clip_stats
-from clipx.thresholds import ThresholdPolicy, as_policy, check_positive
+from clipx.thresholds import ThresholdPolicy, as_policy
 
 Threshold: TypeAlias = float | jax.Array | optax.Schedule | ThresholdPolicy
 
@@ -76,14 +84,6 @@ class ValueClipState(NamedTuple):
 
 
 ValueClipState.clipx_kind = "value"  # type: ignore[attr-defined]
-
-
-def clip_decision(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(clipped, scale)``: clip where a finite norm exceeds the threshold."""
-  clipped = (norm > threshold) & jnp.isfinite(norm)
-  safe_norm = jnp.where(clipped, norm, 1)
-  scale = jnp.where(clipped, threshold / safe_norm, 1).astype(norm.dtype)
-  return clipped, scale
 
 
 def _stats(norm, clipped_norm, threshold, scale, clipped, previous: ClipStats) -> ClipStats:
@@ -131,15 +131,36 @@ def clip_tree(
       "clipx.clip_tree takes a number; for schedules and adaptive policies,"
       " which keep state, use clipx.clip_by_global_norm(...) as a transform."
     )
-  check_positive("max_norm", max_norm)
-  norms.check_float_leaves(tree)
-  norm = norms.global_norm(tree, axis_name=axis_name)
-  threshold = jnp.asarray(max_norm, norm.dtype)
-  clipped, scale = clip_decision(norm, threshold)
-  applied = scaling.gated_scale(clipped, scale)
-  out = scaling.scale_tree(tree, applied)
-  zero = init_clip_stats((), norm.dtype)
-  return out, _stats(norm, norm * scale, threshold, scale, clipped, zero)
+  validation.positive("clip_tree", "max_norm", max_norm)
+  divisor, root = _global_norm_split(tree, axis_name)
+  zero = init_clip_stats((), root.dtype)
+  return _scale_globally(tree, divisor, root, jnp.asarray(max_norm), zero)
+
+
+def _global_norm_split(updates: chex.ArrayTree, axis_name: Any) -> tuple[jax.Array, jax.Array]:
+  """The global norm as ``(divisor, root)`` scalars (see :func:`norms.group_norms_split`)."""
+  leaves = norms.check_float_leaves(updates)
+  ids = np.zeros(len(leaves), np.int32)
+  divisor, root = norms.group_norms_split(leaves, ids, 1, axis_name=axis_name)
+  return divisor[0], root[0]
+
+
+def _scale_globally(
+  updates: chex.ArrayTree, divisor, root, threshold, previous: ClipStats
+) -> tuple[chex.ArrayTree, ClipStats]:
+  """The global scope: every leaf scaled by one factor; shared by the transform and clip_tree."""
+  threshold = jnp.asarray(threshold).astype(root.dtype)
+  decision = scaling.decide(divisor, root, threshold)
+  hi, lo = scaling.gated_scale(decision.clipped, decision.hi, decision.lo)
+  updates = scaling.scale_tree(updates, hi, lo)
+  return updates, _decision_stats(decision, threshold, previous)
+
+
+def _decision_stats(decision: scaling.Decision, threshold, previous: ClipStats) -> ClipStats:
+  """Stats of a norm scope; the clipped norm is the threshold where clipped (exact, no overflow)."""
+  valid = threshold >= 0
+  clipped_norm = jnp.where(valid, jnp.where(decision.clipped, threshold, decision.norm), jnp.nan)
+  return _stats(decision.norm, clipped_norm, threshold, decision.scale, decision.clipped, previous)
 
 
 def clip_by_global_norm(
@@ -172,7 +193,7 @@ def clip_by_global_norm(
     >>> updates["w"].round(4)  # (3, 4) / 5 * 0.1; float32 rounding shows in the last digit
     Array([-0.06, -0.08], dtype=float32)
   """
-  policy = as_policy(max_norm, "max_norm")
+  policy = as_policy(max_norm, "max_norm", "clip_by_global_norm")
 
   def init_fn(params):
     dtype = _norm_dtype(params)
@@ -180,14 +201,9 @@ def clip_by_global_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    norms.check_float_leaves(updates)
-    norm = norms.global_norm(updates, axis_name=axis_name)
-    threshold, threshold_state = policy.update(norm, state.threshold_state)
-    threshold = threshold.astype(norm.dtype)
-    clipped, scale = clip_decision(norm, threshold)
-    applied = scaling.gated_scale(clipped, scale)
-    updates = scaling.scale_tree(updates, applied)
-    stats = _stats(norm, norm * scale, threshold, scale, clipped, state.stats)
+    divisor, root = _global_norm_split(updates, axis_name)
+    threshold, threshold_state = policy.update(divisor * root, state.threshold_state)
+    updates, stats = _scale_globally(updates, divisor, root, threshold, state.stats)
     return updates, GlobalNormClipState(stats, threshold_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -196,16 +212,16 @@ def clip_by_global_norm(
 GroupFn = Callable[[tuple], Hashable]
 
 
+GROUP_MODES = ("leaf", "module")
+
+
 def _group_key_fn(group: str | GroupFn) -> GroupFn:
+  validation.choice("layer_groups", "group", group, GROUP_MODES, function=True)
+  if not isinstance(group, str):
+    return group
   if group == "leaf":
     return lambda path: path
-  if group == "module":
-    return lambda path: path[:-1]
-  if callable(group):
-    return group
-  raise ValueError(
-    f'clipx: group must be "leaf", "module" or a function of the key path, got {group!r}.'
-  )
+  return lambda path: path[:-1]
 
 
 def _strip_variable_suffix(path: tuple) -> tuple:
@@ -264,8 +280,8 @@ def clip_by_layer_norm(
     McMahan et al., `A General Approach to Adding Differential Privacy to
     Iterative Training Procedures <https://arxiv.org/abs/1812.06210>`_, 2018.
   """
-  policy = as_policy(max_norm, "max_norm")
-  _group_key_fn(group)  # validate now, not at first update
+  policy = as_policy(max_norm, "max_norm", "clip_by_layer_norm")
+  validation.choice("clip_by_layer_norm", "group", group, GROUP_MODES, function=True)
 
   def init_fn(params):
     ids, _ = layer_groups(params, group)
@@ -285,30 +301,36 @@ def clip_by_layer_norm(
         f"clipx.clip_by_layer_norm: updates have {int(ids.max()) + 1} groups but the"
         f" state was initialised with {count}; init with params shaped like the updates."
       )
-    norm = norms.group_norms(leaves, ids, count, axis_name=axis_name)
-    threshold, threshold_state = policy.update(norm, state.threshold_state)
-    threshold = threshold.astype(norm.dtype)
-    clipped, scale = clip_decision(norm, threshold)
+    divisor, root = norms.group_norms_split(leaves, ids, count, axis_name=axis_name)
+    threshold, threshold_state = policy.update(divisor * root, state.threshold_state)
+    threshold = threshold.astype(root.dtype)
+    decision = scaling.decide(divisor, root, threshold)
     treedef = jax.tree_util.tree_structure(updates)
-    leaf_scales = scaling.gated_slices(jnp.any(clipped), scale, [(int(i), ()) for i in ids])
-    out = [scaling.scale_leaf(x, s) for x, s in zip(leaves, leaf_scales)]
-    stats = _stats(norm, norm * scale, threshold, scale, clipped, state.stats)
+    spans = [(int(i), ()) for i in ids]
+    leaf_scales = scaling.gated_slices(jnp.any(decision.clipped), decision, spans)
+    out = [scaling.scale_leaf(x, hi, lo) for x, (hi, lo) in zip(leaves, leaf_scales)]
+    stats = _decision_stats(decision, threshold, state.stats)
     return jax.tree_util.tree_unflatten(treedef, out), LayerNormClipState(stats, threshold_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def unit_axes(shape: tuple[int, ...], axis: int | tuple[int, ...] | None = None) -> tuple[int, ...]:
+def unit_axes(
+  shape: tuple[int, ...], axis: int | tuple[int, ...] | None = None, *, path: str = "<leaf>"
+) -> tuple[int, ...]:
   """The axes a unit-wise norm reduces over, following Optax's conventions.
 
   Vectors (and arrays with one non-trivial axis) are one unit; rank-2 and 3
   (dense ``(in, out)``, multi-head) reduce axis 0; rank-4 conv kernels (HWIO)
   reduce (0, 1, 2); rank-5 (DHWIO) reduce (0, 1, 2, 3). Pass ``axis`` for
-  other layouts.
+  other layouts; an axis out of range for ``shape`` (or named twice) is a
+  ``ValueError`` naming ``path``, not wrapped around.
   """
   rank = len(shape)
   if axis is not None:
-    return tuple(a % rank for a in ((axis,) if isinstance(axis, int) else axis))
+    axes = validation.axes("adaptive_grad_clip", "axis", axis)
+    assert axes is not None
+    return validation.axes_of("adaptive_grad_clip", "axis", axes, rank, path)
   if sum(d != 1 for d in shape) <= 1:
     return tuple(range(rank))
   if rank in (2, 3):
@@ -374,13 +396,14 @@ def adaptive_grad_clip(
     Brock et al., `High-Performance Large-Scale Image Recognition Without
     Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
   """
-  policy = as_policy(clipping, "clipping")
   if isinstance(clipping, ThresholdPolicy):
     raise TypeError(
       "clipx.adaptive_grad_clip: clipping is a ratio of norms; pass a float or a"
       " schedule, not an adaptive threshold policy."
     )
-  check_positive("eps", eps)
+  policy = as_policy(clipping, "clipping", "adaptive_grad_clip")
+  validation.positive("adaptive_grad_clip", "eps", eps, finite=True)
+  validation.axes("adaptive_grad_clip", "axis", axis)
 
   def init_fn(params):
     dtype = _norm_dtype(params)
@@ -405,7 +428,10 @@ def adaptive_grad_clip(
     buckets = norms._buckets(leaves)
     g_stacks = [norms.stack_bucket(leaves, bucket) for bucket in buckets]
     p_stacks = [norms.stack_bucket(param_leaves, bucket) for bucket in buckets]
-    stack_axes = [tuple(a + 1 for a in unit_axes(leaves[b[0]].shape, axis)) for b in buckets]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
+    stack_axes = [
+      tuple(a + 1 for a in unit_axes(leaves[b[0]].shape, axis, path=paths[b[0]])) for b in buckets
+    ]
 
     def flat(parts: list[jax.Array]) -> jax.Array:
       if not parts:
@@ -425,25 +451,30 @@ def adaptive_grad_clip(
     all_finite = jnp.all(jnp.isfinite(g_sq)) & jnp.all(jnp.isfinite(p_sq))
 
     def common(_):
-      return jnp.sqrt(g_sq), jnp.sqrt(p_sq)
+      return jnp.ones_like(g_sq), norms.safe_sqrt(g_sq), norms.safe_sqrt(p_sq)
 
     def fallback(operands):
       # Under shard_map a unit may span shards: its max and sum are over all of them.
-      def unit_norm(x, axes):
-        d, root = norms.max_and_scaled_norm(x, axes, dtype, axis_name=axis_name)
-        return d * root
+      def unit_norms(stacks):
+        pairs = [
+          norms.max_and_scaled_norm(x, a, dtype, axis_name=axis_name)
+          for x, a in zip(stacks, stack_axes)
+        ]
+        return flat([d for d, _ in pairs]), flat([r for _, r in pairs])
 
       gs, ps = operands
-      return (
-        flat([unit_norm(g, axes) for g, axes in zip(gs, stack_axes)]),
-        flat([unit_norm(p, axes) for p, axes in zip(ps, stack_axes)]),
-      )
+      g_divisor, g_root = unit_norms(gs)
+      p_divisor, p_root = unit_norms(ps)
+      return g_divisor, g_root, p_divisor * p_root  # a param norm beyond range: no clip
 
-    g_norm, p_norm = lax.cond(all_finite, common, fallback, (g_stacks, p_stacks))
-    unit_clipped, unit_scale = clip_decision(g_norm, ratio * jnp.maximum(p_norm, eps))
-    norm = norms.safe_vector_norm(g_norm)
-    clipped_norm = norms.safe_vector_norm(g_norm * unit_scale)
-    clipped = jnp.any(unit_clipped)
+    g_divisor, g_root, p_norm = lax.cond(all_finite, common, fallback, (g_stacks, p_stacks))
+    unit_threshold = ratio * jnp.maximum(p_norm, eps)
+    decision = scaling.decide(g_divisor, g_root, unit_threshold)
+    total_divisor, total_root = norms.combine_norms(g_divisor, g_root)
+    norm = (total_divisor * total_root)[0]
+    unit_clipped_norm = jnp.where(decision.clipped, unit_threshold, decision.norm)
+    clipped_norm = norms.safe_vector_norm(unit_clipped_norm)
+    clipped = jnp.any(decision.clipped)
 
     # Where each leaf's units sit in the vector: stacks in bucket order, leaves in stack order.
     spans: list[Any] = [None] * len(leaves)
@@ -453,9 +484,10 @@ def adaptive_grad_clip(
       for i in bucket:
         spans[i] = (offset, shape)
         offset += math.prod(shape)
-    leaf_scales = scaling.gated_slices(clipped, unit_scale, spans)
-    out = [scaling.scale_leaf(x, s) for x, s in zip(leaves, leaf_scales)]
+    leaf_scales = scaling.gated_slices(clipped, decision, spans)
+    out = [scaling.scale_leaf(x, hi, lo) for x, (hi, lo) in zip(leaves, leaf_scales)]
     scale = jnp.where(norm > 0, clipped_norm / jnp.where(norm > 0, norm, 1), 1).astype(dtype)
+    scale = jnp.where(ratio >= 0, scale, jnp.nan)
     stats = _stats(norm, clipped_norm, ratio, scale, clipped, state.stats)
     treedef = jax.tree_util.tree_structure(updates)
     return jax.tree_util.tree_unflatten(treedef, out), AdaptiveGradClipState(stats, threshold_state)
@@ -485,7 +517,7 @@ def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.Gradien
     Mikolov, `Statistical Language Models Based on Neural Networks
     <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012.
   """
-  policy = as_policy(max_abs, "max_abs")
+  policy = as_policy(max_abs, "max_abs", "clip_by_value")
 
   def init_fn(params):
     dtype = _norm_dtype(params)
@@ -498,7 +530,10 @@ def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.Gradien
     largest = (
       jnp.max(
         norms.per_leaf_reduce(
-          leaves, lambda x: jnp.max(jnp.abs(norms.widen(x, dtype)), axis=tuple(range(1, x.ndim)))
+          leaves,
+          lambda x: jnp.max(
+            jnp.abs(norms.widen(x, dtype)), axis=tuple(range(1, x.ndim)), initial=0.0
+          ),
         ),
         initial=0.0,
       )
@@ -508,8 +543,10 @@ def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.Gradien
     if axis_name is not None:
       largest = lax.pmax(largest, axis_name)
     threshold, threshold_state = policy.update(largest, state.threshold_state)
-    threshold = threshold.astype(dtype)
-    clipped = (largest > threshold) & jnp.isfinite(largest)
+    # A NaN or negative run-time bound makes the update NaN, as in every scope.
+    threshold = jnp.where(threshold >= 0, threshold, jnp.nan).astype(dtype)
+    # An Inf element is clipped to the bound by jnp.clip: the stats say so.
+    clipped = (largest > threshold) | jnp.isnan(threshold)
 
     def clip_leaf(x):
       bound = threshold.astype(jnp.promote_types(x.dtype, dtype))

@@ -62,21 +62,25 @@ def test_scale_leaf_scales_in_float32_and_keeps_dtype():
 
 
 def test_gated_slices_read_each_leafs_span_or_ones():
-  table = jnp.array([0.5, 1.0, 0.25, 0.125, 1.0, 0.75], jnp.float32)
+  hi = jnp.array([0.5, 1.0, 0.25, 0.125, 1.0, 0.75], jnp.float32)
+  lo = jnp.array([1.0, 1.0, 2.0**-60, 1.0, 1.0, 0.5], jnp.float32)
+  decision = scaling.Decision(hi < 1, hi, hi * lo, hi, lo)
   spans = [(0, ()), (1, (1, 3)), (4, (2,)), (2, (3, 1))]
-  fn = jax.jit(lambda c: scaling.gated_slices(c, table, spans))
-  for got, (offset, shape) in zip(fn(True), spans):
+  fn = jax.jit(lambda c: scaling.gated_slices(c, decision, spans))
+  for (got_hi, got_lo), (offset, shape) in zip(fn(True), spans):
     size = int(np.prod(shape))
-    np.testing.assert_array_equal(
-      np.asarray(got), np.asarray(table)[offset : offset + size].reshape(shape)
-    )
-  for got, (_, shape) in zip(fn(False), spans):
-    np.testing.assert_array_equal(np.asarray(got), np.ones(shape, np.float32))
+    for got, table in ((got_hi, hi), (got_lo, lo)):
+      np.testing.assert_array_equal(
+        np.asarray(got), np.asarray(table)[offset : offset + size].reshape(shape)
+      )
+  for (got_hi, got_lo), (_, shape) in zip(fn(False), spans):
+    np.testing.assert_array_equal(np.asarray(got_hi), np.ones(shape, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_lo), np.ones(shape, np.float32))
 
 
 def test_gated_scale():
-  assert float(scaling.gated_scale(jnp.bool_(True), jnp.float32(0.5))) == 0.5
-  assert float(scaling.gated_scale(jnp.bool_(False), jnp.float32(0.5))) == 1.0
+  assert scaling.gated_scale(jnp.bool_(True), jnp.float32(0.5), jnp.float32(0.25)) == (0.5, 0.25)
+  assert scaling.gated_scale(jnp.bool_(False), jnp.float32(0.5), jnp.float32(0.25)) == (1.0, 1.0)
 
 
 def _distinct_kernels(compiled_text: str) -> int:

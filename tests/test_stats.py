@@ -16,7 +16,7 @@ def test_stats_through_wrappers_and_flat_floats():
     optax.masked(clipx.clip_by_layer_norm(0.5, group="module"), {"conv": True, "out": False}),
     optax.sgd(0.1),
   )
-  tx = optax.MultiSteps(clipx.skip_nonfinite(inner), every_k_schedule=1)
+  tx = clipx.skip_nonfinite(optax.MultiSteps(inner, every_k_schedule=1).gradient_transformation())
   state = tx.init(params)
   _, state = tx.update(grads, state, params)
   report = clipx.stats(state)

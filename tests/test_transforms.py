@@ -254,19 +254,19 @@ def test_clip_tree_functional_form():
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("-inf"), True])
 def test_bad_max_norm_raises_naming_argument(bad):
-  with pytest.raises(ValueError, match="max_norm"):
+  with pytest.raises((ValueError, TypeError), match="max_norm"):
     clipx.clip_by_global_norm(bad)
-  with pytest.raises(ValueError, match="max_norm"):
+  with pytest.raises((ValueError, TypeError), match="max_norm"):
     clipx.clip_by_layer_norm(bad)
-  with pytest.raises(ValueError, match="max_norm"):
+  with pytest.raises((ValueError, TypeError), match="max_norm"):
     clipx.clip_tree({"w": jnp.ones(2)}, bad)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.01, float("nan")])
 def test_bad_clipping_factor_raises(bad):
-  with pytest.raises(ValueError, match="clipping"):
+  with pytest.raises((ValueError, TypeError), match="clipping"):
     clipx.adaptive_grad_clip(bad)
-  with pytest.raises(ValueError, match="max_abs"):
+  with pytest.raises((ValueError, TypeError), match="max_abs"):
     clipx.clip_by_value(bad)
 
 
