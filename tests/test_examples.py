@@ -24,7 +24,14 @@ import clipx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples import data, reporting, stability, threshold_sweep, train_cnn  # noqa: E402
+from examples import (  # noqa: E402
+  adaptive_thresholds,
+  data,
+  reporting,
+  stability,
+  threshold_sweep,
+  train_cnn,
+)
 
 METRICS_KEYS = {
   "test_accuracy",
@@ -245,7 +252,7 @@ def test_quiet_still_prints_the_result(capsys, digits, monkeypatch):
   assert out.startswith("test accuracy ") and out.count("\n") == 1, out  # no bar, no epochs
 
 
-@pytest.mark.parametrize("script", [stability, threshold_sweep])
+@pytest.mark.parametrize("script", [stability, threshold_sweep, adaptive_thresholds])
 def test_outputs_default_under_runs(script):
   """No script writes into the repository root or a tracked file unless told to."""
   out = Path(script.parse_args([]).out)
