@@ -9,7 +9,15 @@ diverged, and the median test MSE. A setting where no unclipped seed solves
 the task and every clipped seed does is a clear contrast; the example's
 defaults are one of those (``--steps`` as in the example).
 
-Writes ``rnn_sweep.json`` (every run's row) under ``--out``.
+Writes ``rnn_sweep.json`` (every run's row) under ``--out``. The result
+(10000 steps, seeds 0-2; solved/seeds and median test MSE, unclipped | clipped):
+
+  length 20: lr 0.003 3/3 0.0023 | 3/3 0.0020; 0.01 3/3 0.0012 | 3/3 0.0013;
+             0.03 3/3 0.0008 | 3/3 0.0008 (short enough that both solve it)
+  length 50: lr 0.003 3/3 0.0040 | 1/3 0.036 (clipping at 1.0 slows it down);
+             0.01 0/3 0.206 | 3/3 0.0058 (the defaults);
+             0.03 0/3, one diverged | 1/3 0.020
+  length 100 (``--seq-lens 100 --lrs 0.01``): 0/3 0.23 | 0/3 0.094
 """
 
 from __future__ import annotations

@@ -9,11 +9,14 @@ the report. The optimizer is ``optax.chain(<clipx transform>, optax.sgd(lr,
 momentum))``, built by ``train_cnn.make_optimizer``, so ``--clip`` takes the
 same choices as the CNN example.
 
-Success criterion: test MSE (on held-out sequences) below a tenth of the
-trivial predictor's (always 1, MSE 1/6). At the default learning rate the
-unclipped RNN does not meet it and global-norm clipping does, on every seed
-measured (``examples/rnn_sweep.py`` found the setting; the README has the
-numbers). ``--out DIR`` writes ``metrics.json``, ``metrics.csv`` (one row per
+Success criterion: test MSE (on 1024 held-out sequences) below a tenth of the
+trivial predictor's (always 1, MSE 1/6). At the defaults (length 50, lr 0.01,
+10000 steps of 32 sequences) global-norm clipping at 1.0 meets it on seeds 0,
+1 and 2 (test MSE 0.0033 to 0.0062) and the unclipped RNN fails on all three
+(0.165 to 0.233, no better than the trivial 0.164; with seed 0, drawn in
+``docs/img/rnn_cliff.png``, two gradient spikes throw it into a state where
+its gradient vanishes back through time). ``examples/rnn_sweep.py`` found the
+setting. ``--out DIR`` writes ``metrics.json``, ``metrics.csv`` (one row per
 step with every ``clipx.stats(...).as_dict()`` field) and ``training.png``;
 ``examples/rnn_cliff.py`` draws the clipped and unclipped runs side by side.
 
