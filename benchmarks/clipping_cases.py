@@ -17,6 +17,7 @@ jitted with donated buffers and timed to ``block_until_ready``):
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -217,6 +218,7 @@ def measure(args, setting: int | None, label: str) -> str:
   """Every table of ``run.py`` at one thread setting (this process is pinned to it)."""
   import report
 
+  load = os.getloadavg()[0]  # how busy the shared machine was: printed with the ratios
   quick = args.quick
   rounds = args.rounds or (1 if quick else 9)
   iters = args.iters or (1 if quick else 5)
@@ -281,7 +283,8 @@ def measure(args, setting: int | None, label: str) -> str:
     [
       f"### {label}",
       f"{versions(torch_info)}. {rounds} rounds of {iters} steps per case ({compile_rounds}"
-      " compiles per case), interleaved.",
+      " compiles per case), interleaved. Load average (1 min) at start / end:"
+      f" {load:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
       targets,
       *sections,
     ]

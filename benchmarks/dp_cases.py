@@ -10,6 +10,7 @@ thread setting (``opacus_worker.py``); it times its own steps.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -183,6 +184,7 @@ def opacus_runner(batch_size: int, steps: int, setting: int | None):
 def measure(args, setting: int | None, memory: bool) -> dict:
   """Rates (clipped examples / s) of every variant, per-example norm times and, if ``memory``,
   the memory table, at this process's thread setting."""
+  load = [os.getloadavg()[0]]  # how busy the shared machine was: printed with the ratios
   apply_fn, params = cnn.init(10, (8, 8, 1), seed=0)
   rng = np.random.default_rng(0)  # the batch of opacus_worker.batch
   images = rng.random((args.batch_size, 8, 8, 1), np.float32)
@@ -218,6 +220,7 @@ def measure(args, setting: int | None, memory: bool) -> dict:
     "rates": {name: args.batch_size * args.steps / s for name, s in seconds.items()},
     "versions": versions,
     "norm_times": norms_only(apply_fn, params, batch),
+    "load": [*load, os.getloadavg()[0]],
   }
   if memory:
     batch_sizes = [int(b) for b in args.memory_batches.split(",")]

@@ -89,15 +89,17 @@ def markdown(args, results: dict[str, dict]) -> str:
   first = next(iter(results.values()))
   versions = "; ".join(f"{label}: {r['versions']}" for label, r in results.items())
   command = "python benchmarks/per_example.py"
-  if args.threads != ",".join(threads.SETTINGS):
-    command += f" --threads {args.threads}"
+  defaults = parse_args([])
+  for flag in ("batch_size", "rounds", "steps", "threads"):
+    if getattr(args, flag) != getattr(defaults, flag):
+      command += f" --{flag.replace('_', '-')} {getattr(args, flag)}"
   lines = [
     f"Digits CNN (79,626 parameters), batch {args.batch_size}, clip to norm {MAX_NORM:g},"
     f" noise multiplier {NOISE:g}, SGD. {platform.machine()} CPU, {os.cpu_count()} cores"
     " shared with other jobs: absolute rates are noisy, the ratios were measured side by side"
     f" (best of {args.rounds} interleaved rounds of {args.steps} steps). Each thread setting"
     " ran in fresh processes (JAX in one, Opacus in another) pinned to it before jax or torch"
-    f" was imported. {versions}.",
+    f" was imported. {versions}.{load_line(results)}",
     "",
     f'Command: `{command}` (Opacus: `pip install -e ".[bench]"`)',
     "",
@@ -139,6 +141,16 @@ def markdown(args, results: dict[str, dict]) -> str:
       lines.append(f"| {name} | " + " | ".join(f"{b / 2**20:.1f}" for b in row) + " |")
   lines += ["", *targets(results, memory or {}, batch_sizes)]
   return "\n".join(lines)
+
+
+def load_line(results: dict[str, dict]) -> str:
+  """The machine's 1-minute load average at the start and end of each setting's run."""
+  loads = [
+    f"{label} {r['load'][0]:.1f} -> {r['load'][1]:.1f}"
+    for label, r in results.items()
+    if "load" in r
+  ]
+  return f" Load average (1 min, {os.cpu_count()} cores): {'; '.join(loads)}." if loads else ""
 
 
 def targets(results: dict[str, dict], memory: dict[str, list[int]], batch_sizes) -> list[str]:

@@ -87,7 +87,9 @@ def main(argv=None) -> str:
 
   workdir = outputs.raw_dir(outputs.resolve(args, "run"))
   sections = [measure_in_fresh_process(args, s, workdir) for s in args.settings]
-  command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+  command = " ".join(["python benchmarks/run.py", *forwarded(args)])
+  if args.threads != ",".join(threads.SETTINGS):
+    command += f" --threads {args.threads}"
   report = "\n\n".join(
     [
       "## Clipping speed, compile time and memory",
