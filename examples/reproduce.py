@@ -55,13 +55,19 @@ from examples import data  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 
-# Metric key -> (column header, format of one value). Unknown keys print with "{:.3g}".
+# A 0/1 metric (solved, diverged) shows as how many seeds had it: "2/3".
+COUNT = "count"
+# Metric key -> (column header, format of one value, or COUNT). Unknown keys print with "{:.3g}".
 METRICS = {
   "test_accuracy": ("test accuracy", "{:.3f}"),
   "clip_rate": ("clip rate", "{:.2f}"),
   "epsilon": ("epsilon", "{:.2f}"),
   "spikes_caught": ("large spikes clipped", "{:.0f}"),
   "spikes": ("large spikes (norm > 10x median)", "{:.0f}"),
+  "test_loss": ("test MSE", "{:.3g}"),
+  "solved": ("solved", COUNT),
+  "diverged": ("diverged", COUNT),
+  "baseline_loss": ("trivial predictor MSE", "{:.3g}"),
 }
 
 Rows = dict[str, dict[str, float]]
@@ -225,6 +231,26 @@ def dp_sgd(seed: int, dataset: tuple[np.ndarray, ...]) -> Rows:
   return {"DP-SGD, delta 1e-5": metrics}
 
 
+@experiment(
+  "rnn-adding", "python examples/train_rnn.py --clip CLIP --seed {seed}", row_header="`--clip`"
+)
+def rnn_adding(seed: int, dataset: tuple[np.ndarray, ...]) -> Rows:
+  """``train_rnn.py``'s defaults (tanh RNN, adding problem of length 50, lr 0.01, 10000 steps)."""
+  from examples import train_rnn
+
+  rows = {}
+  for row in train_rnn.run_seeds(seeds=(seed,), clips=("none", "global"))["rows"]:
+    args = train_rnn.parse_args(["--clip", row["clip"]])
+    name = row["clip"] if args.max_norm is None else f"{row['clip']} {args.max_norm:g}"
+    rows[name] = {
+      "test_loss": row["test_loss"],
+      "solved": float(row["solved"]),
+      "diverged": float(row["diverged"]),
+      "baseline_loss": row["baseline_loss"],
+    }
+  return rows
+
+
 def machine() -> dict[str, Any]:
   """What the results depend on: CPU, core count, XLA's threads and the library versions."""
   import flax
@@ -294,6 +320,8 @@ def run_experiment(exp: Experiment, seeds: Sequence[int], dataset) -> dict[str, 
 
 def cell(key: str, stat: dict[str, Any]) -> str:
   fmt = METRICS.get(key, (key, "{:.3g}"))[1]
+  if fmt == COUNT:
+    return f"{sum(v != 0 for v in stat['values'])}/{len(stat['values'])}"
   median, low, high = (fmt.format(stat[k]) for k in ("median", "min", "max"))
   return f"{median} [{low}, {high}]"
 
