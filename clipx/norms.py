@@ -92,15 +92,15 @@ def _abs_sq(x: jax.Array, dtype) -> jax.Array:
   return jnp.square(x.astype(dtype))
 
 
-def _buckets(leaves: Sequence[jax.Array]) -> list[list[int]]:
-  """Groups leaf indices: each large leaf alone, small leaves by (shape, dtype)."""
+def _buckets(leaves: Sequence[jax.Array], tags: Sequence[Any] | None = None) -> list[list[int]]:
+  """Groups leaf indices: each large leaf alone, small leaves by (shape, dtype, tag)."""
   groups: dict[object, list[int]] = {}
   order: list[list[int]] = []
   for index, leaf in enumerate(leaves):
     if leaf.size > SMALL_LEAF_SIZE:
       order.append([index])
       continue
-    key = (leaf.shape, leaf.dtype)
+    key = (leaf.shape, leaf.dtype, None if tags is None else tags[index])
     if key not in groups:
       groups[key] = []
       order.append(groups[key])
@@ -369,6 +369,42 @@ def group_norms_split(
     return combine_norms(d, r, segment_ids, num_segments, axis_name=axis_name)
 
   # One cond for the whole tree: a cond per leaf compiles tens of times slower.
+  return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, list(leaves))
+
+
+def layer_norms_split(
+  leaves: Sequence[jax.Array],
+  layer_axes: Sequence[int],
+  row_ids: Sequence[np.ndarray],
+  num_segments: int,
+  *,
+  axis_name=None,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`group_norms_split` for stacked leaves: each layer of a leaf in its own group.
+
+  ``layer_axes[i]`` leading axes of leaf ``i`` index layers; ``row_ids[i]``
+  (static, one id per layer, in row-major order) are their groups. Each leaf is
+  one reduction over its non-layer axes, whatever its number of layers.
+  """
+  dtype = _common_dtype(leaves)
+  if not leaves:
+    return jnp.ones((num_segments,), dtype), jnp.zeros((num_segments,), dtype)
+  ids = np.concatenate([np.asarray(r, np.int32).reshape(-1) for r in row_ids])
+  axes = [tuple(range(k, x.ndim)) for x, k in zip(leaves, layer_axes)]
+  rows = jnp.concatenate([sum_sq(x, a, dtype).reshape(-1) for x, a in zip(leaves, axes)])
+  sq = jax.ops.segment_sum(rows, ids, num_segments)
+  if axis_name is not None:
+    sq = lax.psum(sq, axis_name)
+
+  def common(_):
+    return jnp.ones_like(sq), safe_sqrt(sq)
+
+  def fallback(leaves):
+    pairs = [max_and_scaled_norm(x, a, dtype) for x, a in zip(leaves, axes)]
+    d = jnp.concatenate([p[0].reshape(-1) for p in pairs])
+    r = jnp.concatenate([p[1].reshape(-1) for p in pairs])
+    return combine_norms(d, r, ids, num_segments, axis_name=axis_name)
+
   return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, list(leaves))
 
 

@@ -98,25 +98,35 @@ class StatsReport(dict):
   ``.1``, ``.2``, ... when a kind occurs more than once, in state order.
 
   A registered pytree: a jitted step can return it, and ``jax.device_get``
-  or ``jax.tree.map`` see its arrays.
+  or ``jax.tree.map`` see its arrays. ``group_names`` maps an entry to the
+  names of its groups (per-layer clipping), static like the dict's keys.
   """
+
+  def __init__(self, *args: Any, group_names: dict[str, tuple[str, ...]] | None = None):
+    super().__init__(*args)
+    self.group_names: dict[str, tuple[str, ...]] = dict(group_names or {})
 
   def as_dict(self, prefix: str = "clip") -> dict[str, float]:
     """Flat ``{"clip/global/norm": 1.23, ...}`` of Python floats for logging.
 
-    Per-group fields of per-layer clipping get one key per group:
-    ``clip/layer/norm/0``, ``clip/layer/norm/1``, ... in tree order.
+    Per-group fields of per-layer clipping get one key per group, named by
+    the group's path, and the layer of a stack: ``clip/layer/norm/conv/kernel``,
+    ``clip/layer/norm/blocks/attn/kernel[3]``, in tree order (by index,
+    ``clip/layer/norm/0``, where no names are known).
     """
     flat: dict[str, float] = {}
     for name, stats in self.items():
+      names = self.group_names.get(name, ())
       for field, value in stats._asdict().items():
         array = np.asarray(jax.device_get(value), dtype=np.float64)
         key = f"{prefix}/{name}/{field}"
         if array.ndim == 0:
           flat[key] = float(array)
-        else:
-          for index, item in enumerate(array.reshape(-1)):
-            flat[f"{key}/{index}"] = float(item)
+          continue
+        items = array.reshape(-1)
+        labels = names if len(names) == items.size else range(items.size)
+        for label, item in zip(labels, items):
+          flat[f"{key}/{label}"] = float(item)
     return flat
 
   def __str__(self) -> str:
@@ -137,14 +147,23 @@ class StatsReport(dict):
   __repr__ = __str__
 
 
+def _report_aux(report: StatsReport) -> tuple:
+  return tuple(report), tuple(sorted(report.group_names.items()))
+
+
+def _report_unflatten(aux: tuple, values: Any) -> StatsReport:
+  names, group_names = aux
+  return StatsReport(zip(names, values), group_names=dict(group_names))
+
+
 jax.tree_util.register_pytree_with_keys(
   StatsReport,
   lambda report: (
     [(jax.tree_util.DictKey(name), value) for name, value in report.items()],
-    tuple(report),
+    _report_aux(report),
   ),
-  lambda names, values: StatsReport(zip(names, values)),
-  flatten_func=lambda report: (list(report.values()), tuple(report)),
+  _report_unflatten,
+  flatten_func=lambda report: (list(report.values()), _report_aux(report)),
 )
 
 
@@ -208,5 +227,9 @@ def stats(opt_state: Any) -> StatsReport:
     kind = cast(str, _kind_of(node))  # not None: filtered above
     index = counts.get(kind, 0)
     counts[kind] = index + 1
-    report[kind if index == 0 else f"{kind}.{index}"] = node.stats
+    name = kind if index == 0 else f"{kind}.{index}"
+    report[name] = node.stats
+    group_names = getattr(getattr(node, "names", None), "names", None)
+    if group_names:
+      report.group_names[name] = tuple(group_names)
   return report

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from clipx import norms, scaling, validation
+from clipx import norms, scaling, stacking, validation
 from clipx.stats import ClipStats, init_clip_stats
 from clipx.thresholds import ThresholdPolicy, as_policy
 
@@ -57,10 +57,14 @@ GlobalNormClipState.clipx_kind = "global"  # type: ignore[attr-defined]
 
 
 class LayerNormClipState(NamedTuple):
-  """State of :func:`clip_by_layer_norm`; stats have one entry per group."""
+  """State of :func:`clip_by_layer_norm`; stats have one entry per group.
+
+  ``names`` holds the groups' names (static, no arrays), for :func:`clipx.stats`.
+  """
 
   stats: ClipStats
   threshold_state: Any
+  names: stacking.GroupNames = stacking.GroupNames()
 
 
 LayerNormClipState.clipx_kind = "layer"  # type: ignore[attr-defined]
@@ -257,7 +261,11 @@ def layer_groups(
 
 
 def clip_by_layer_norm(
-  max_norm: Threshold, *, group: str | GroupFn = "leaf", axis_name: Any = None
+  max_norm: Threshold,
+  *,
+  group: str | GroupFn = "leaf",
+  stacked: int | stacking.StackedFn | None = None,
+  axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Clips each layer's updates to its own L2 norm bound.
 
@@ -267,12 +275,18 @@ def clip_by_layer_norm(
     group: ``"leaf"`` (every array is a layer), ``"module"`` (arrays under one
       parent path, e.g. a kernel and its bias, share a norm), or a function
       from a leaf's key path to a hashable group key.
+    stacked: for scanned models, how many leading axes of a leaf index layers:
+      an int for every leaf, or a function ``(path, leaf) -> int`` (e.g. 1
+      under ``blocks``, 0 elsewhere). Each layer of a stack is then its own
+      group, as if the layers were separate leaves; ``None`` or 0: none.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis; all group norms
       are reduced with one ``psum`` of a small vector.
 
   Returns:
     An ``optax.GradientTransformation``; its stats have one entry per group,
-    in order of first appearance in the tree.
+    in order of first appearance in the tree (a stack's layers in order), and
+    ``clipx.stats(state).as_dict()`` names them by path:
+    ``clip/layer/norm/blocks/attn/kernel[3]``.
 
   References:
     You et al., `Large Batch Training of Convolutional Networks
@@ -280,37 +294,59 @@ def clip_by_layer_norm(
     McMahan et al., `A General Approach to Adding Differential Privacy to
     Iterative Training Procedures <https://arxiv.org/abs/1812.06210>`_, 2018.
   """
-  policy = as_policy(max_norm, "max_norm", "clip_by_layer_norm")
-  validation.choice("clip_by_layer_norm", "group", group, GROUP_MODES, function=True)
+  owner = "clip_by_layer_norm"
+  policy = as_policy(max_norm, "max_norm", owner)
+  validation.choice(owner, "group", group, GROUP_MODES, function=True)
+  stacked_fn = stacking.as_stacked_fn(owner, stacked)
+  key_fn = _group_key_fn(group)
+
+  def groups_of(tree) -> stacking.LayerGroups:
+    return stacking.layer_groups(owner, tree, key_fn, stacked_fn, _strip_variable_suffix)
 
   def init_fn(params):
-    ids, _ = layer_groups(params, group)
-    count = int(ids.max()) + 1 if ids.size else 0
+    groups = groups_of(params)
     dtype = _norm_dtype(params)
+    shape = (groups.num_groups,)
     return LayerNormClipState(
-      init_clip_stats((count,), dtype), policy.init(jnp.zeros((count,), dtype))
+      init_clip_stats(shape, dtype),
+      policy.init(jnp.zeros(shape, dtype)),
+      stacking.GroupNames(tuple(groups.names)),
     )
 
   def update_fn(updates, state, params=None):
     del params
     leaves = norms.check_float_leaves(updates)
-    ids, _ = layer_groups(updates, group)
+    groups = groups_of(updates)
     count = state.stats.norm.shape[0]
-    if ids.size and int(ids.max()) + 1 != count:
+    if groups.num_groups != count:
       raise ValueError(
-        f"clipx.clip_by_layer_norm: updates have {int(ids.max()) + 1} groups but the"
+        f"clipx.clip_by_layer_norm: updates have {groups.num_groups} groups but the"
         f" state was initialised with {count}; init with params shaped like the updates."
       )
-    divisor, root = norms.group_norms_split(leaves, ids, count, axis_name=axis_name)
+    if any(groups.layer_shapes):
+      rows = [
+        base + np.arange(math.prod(shape), dtype=np.int32)
+        for base, shape in zip(groups.bases, groups.layer_shapes)
+      ]
+      layer_axes = [len(shape) for shape in groups.layer_shapes]
+      divisor, root = norms.layer_norms_split(leaves, layer_axes, rows, count, axis_name=axis_name)
+    else:
+      ids = np.asarray(groups.bases, np.int32)
+      divisor, root = norms.group_norms_split(leaves, ids, count, axis_name=axis_name)
     threshold, threshold_state = policy.update(divisor * root, state.threshold_state)
     threshold = threshold.astype(root.dtype)
     decision = scaling.decide(divisor, root, threshold)
     treedef = jax.tree_util.tree_structure(updates)
-    spans = [(int(i), ()) for i in ids]
+    # A stack's scales have its layer shape, then ones: they broadcast over each layer.
+    spans = [
+      (base, shape + (1,) * (x.ndim - len(shape)) if shape else ())
+      for base, shape, x in zip(groups.bases, groups.layer_shapes, leaves)
+    ]
     leaf_scales = scaling.gated_slices(jnp.any(decision.clipped), decision, spans)
     out = [scaling.scale_leaf(x, hi, lo) for x, (hi, lo) in zip(leaves, leaf_scales)]
     stats = _decision_stats(decision, threshold, state.stats)
-    return jax.tree_util.tree_unflatten(treedef, out), LayerNormClipState(stats, threshold_state)
+    new_state = LayerNormClipState(stats, threshold_state, state.names)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -343,6 +379,20 @@ def unit_axes(
   )
 
 
+def _stacked_unit_axes(
+  stacked_fn: stacking.StackedFn, path: tuple, leaf: jax.Array, axis: Any
+) -> tuple[int, ...]:
+  """A leaf's unit axes: :func:`unit_axes` of one layer, after its leading layer axes."""
+  layers = stacking.layer_axes("adaptive_grad_clip", stacked_fn, path, leaf)
+  where = stacking.path_name(path)
+  if layers and leaf.ndim == layers:
+    raise ValueError(
+      f"clipx.adaptive_grad_clip: the leaf at {where} (shape {leaf.shape}) has {layers}"
+      " layer axes and nothing else: no unit axes are left in a layer."
+    )
+  return tuple(layers + a for a in unit_axes(leaf.shape[layers:], axis, path=where))
+
+
 def check_same_structure(updates: chex.ArrayTree, params: chex.ArrayTree, what: str) -> None:
   """Raises ValueError naming the first path where ``params`` differs from ``updates``."""
   u = jax.tree_util.tree_leaves_with_path(updates)
@@ -369,6 +419,7 @@ def adaptive_grad_clip(
   *,
   eps: float = 1e-3,
   axis: int | tuple[int, ...] | None = None,
+  stacked: int | stacking.StackedFn | None = None,
   axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Unit-wise adaptive gradient clipping (AGC).
@@ -383,7 +434,12 @@ def adaptive_grad_clip(
     eps: the floor of the parameter norm, so zero-initialised parameters
       (biases) can still move.
     axis: the axes a unit reduces over; ``None`` follows Optax's defaults
-      (see :func:`unit_axes`).
+      (see :func:`unit_axes`). With ``stacked``, axes of one layer: they
+      count from the first axis after the layer axes.
+    stacked: for scanned models, how many leading axes of a leaf index layers
+      (an int, or a function ``(path, leaf) -> int``): units are then found
+      inside each layer, so a stacked ``(L, in, out)`` kernel has ``L * out``
+      units, exactly as its ``L`` unstacked kernels. ``None`` or 0: none.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the units are
       sharded over: unit norms are then reduced over it with ``psum``.
 
@@ -404,6 +460,7 @@ def adaptive_grad_clip(
   policy = as_policy(clipping, "clipping", "adaptive_grad_clip")
   validation.positive("adaptive_grad_clip", "eps", eps, finite=True)
   validation.axes("adaptive_grad_clip", "axis", axis)
+  stacked_fn = stacking.as_stacked_fn("adaptive_grad_clip", stacked)
 
   def init_fn(params):
     dtype = _norm_dtype(params)
@@ -425,13 +482,14 @@ def adaptive_grad_clip(
     # (compile time); the leading axis of a stack indexes the leaf. Everything
     # after the reductions works on one vector of all units: a few kernels for
     # the whole tree instead of several per leaf (XLA CPU pays per kernel).
-    buckets = norms._buckets(leaves)
+    leaf_axes = [
+      _stacked_unit_axes(stacked_fn, _strip_variable_suffix(path), leaf, axis)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(updates)
+    ]
+    buckets = norms._buckets(leaves, leaf_axes)
     g_stacks = [norms.stack_bucket(leaves, bucket) for bucket in buckets]
     p_stacks = [norms.stack_bucket(param_leaves, bucket) for bucket in buckets]
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
-    stack_axes = [
-      tuple(a + 1 for a in unit_axes(leaves[b[0]].shape, axis, path=paths[b[0]])) for b in buckets
-    ]
+    stack_axes = [tuple(a + 1 for a in leaf_axes[b[0]]) for b in buckets]
 
     def flat(parts: list[jax.Array]) -> jax.Array:
       if not parts:

@@ -220,11 +220,17 @@ def _check_kernels_clipped_biases_untouched(grads, updates, state, max_norm):
   kernel_norms = [np.linalg.norm(np.asarray(grads[k]["kernel"])) for k in ("conv1", "conv2")]
   assert min(kernel_norms) > max_norm
   # One group per kernel, in tree order; the biases are not groups at all.
-  assert "clip/layer/norm/2" not in logged
+  assert sorted(k for k in logged if k.startswith("clip/layer/norm/")) == [
+    "clip/layer/norm/conv1/kernel",
+    "clip/layer/norm/conv2/kernel",
+  ]
   np.testing.assert_allclose(
-    [logged["clip/layer/norm/0"], logged["clip/layer/norm/1"]], kernel_norms, rtol=1e-5
+    [logged["clip/layer/norm/conv1/kernel"], logged["clip/layer/norm/conv2/kernel"]],
+    kernel_norms,
+    rtol=1e-5,
   )
-  assert logged["clip/layer/clip_count/0"] == logged["clip/layer/clip_count/1"] == 1.0
+  assert logged["clip/layer/clip_count/conv1/kernel"] == 1.0
+  assert logged["clip/layer/clip_count/conv2/kernel"] == 1.0
 
 
 def test_masked_clips_conv_kernels_per_layer():

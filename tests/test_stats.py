@@ -28,7 +28,7 @@ def test_stats_through_wrappers_and_flat_floats():
   assert flat["clip/global/clipped"] == 1.0
   assert flat["clip/global/clip_count"] == 1.0
   # The layer clip sees already globally clipped gradients: norm of conv <= 1.
-  assert flat["clip/layer/norm/0"] <= 1.0 + 1e-6
+  assert flat["clip/layer/norm/conv"] <= 1.0 + 1e-6
   assert all(isinstance(v, float) for v in flat.values())
   assert "global: norm=" in str(report)
 
