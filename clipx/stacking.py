@@ -91,8 +91,26 @@ class GroupNames:
     return f"GroupNames({len(self.names)} groups)"
 
 
+class _Label:
+  """Names as pytree metadata that never makes two states' structures differ.
+
+  The names label groups; they are not structure: utilities that map a state
+  against a prefix built from placeholder params (``optax.tree_map_params``)
+  or a restored checkpoint must see the same tree whatever the labels say.
+  """
+
+  def __init__(self, names: tuple[str, ...]):
+    self.names = names
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _Label)
+
+  def __hash__(self) -> int:
+    return 0
+
+
 jax.tree_util.register_pytree_node(
-  GroupNames, lambda n: ((), n.names), lambda names, _: GroupNames(names)
+  GroupNames, lambda n: ((), _Label(n.names)), lambda label, _: GroupNames(label.names)
 )
 
 
