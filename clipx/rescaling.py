@@ -1,0 +1,517 @@
+"""Responses that rescale rather than cap: Stable-SPAM's AdaClip and AdaGN.
+
+Every other clipx scope holds a norm *down* to a bound: ``min(1, bound / norm)``.
+The transforms here change a gradient in other ways, per leaf (or per layer
+of a stacked leaf):
+
+- :func:`rescale_outliers` multiplies only the entries above a bound, all by
+  one factor, so the largest lands on the bound and the rest keep their
+  order (AdaClip); its threshold is any policy, fed each group's largest
+  magnitude, such as :func:`ema_peak`;
+- :func:`normalize_by_layer_norm` *sets* each group's L2 norm to a target
+  formed from the history of its norms, up or down (AdaGN): normalisation,
+  not clipping;
+- :func:`stable_spam_clip` chains the two, as Stable-SPAM's optimizer
+  applies them before its Adam moments.
+
+Numerics as elsewhere in clipx (see ``DESIGN.md``): statistics in float32 or
+wider whatever the gradient dtype, the output in the input's dtype; a group
+holding NaN/Inf is passed through unchanged (never turned into zeros) and not
+recorded in any history; a NaN or negative run-time bound makes its group NaN;
+an empty (zero-size) leaf passes through.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clipx import norms, scaling, stacking, validation
+from clipx.stats import ClipStats, init_clip_stats
+from clipx.thresholds import ThresholdPolicy, as_policy, concrete_float, policy_factory
+from clipx.transforms import Threshold, _norm_dtype, _strip_variable_suffix
+
+
+class OutlierRescaleState(NamedTuple):
+  """State of :func:`rescale_outliers`; stats have one entry per group (leaf or layer).
+
+  ``stats.norm`` is each group's largest magnitude, ``stats.threshold`` its
+  bound, ``stats.scale`` the factor its outliers were multiplied by (1 where
+  none), ``stats.clipped_norm`` the largest magnitude after. ``names`` holds
+  the groups' names (static) for :func:`clipx.stats`.
+  """
+
+  stats: ClipStats
+  threshold_state: Any
+  names: stacking.GroupNames = stacking.GroupNames()
+
+
+OutlierRescaleState.clipx_kind = "outliers"  # type: ignore[attr-defined]
+
+
+class LayerNormalizeState(NamedTuple):
+  """State of :func:`normalize_by_layer_norm`; one entry per group (leaf or layer).
+
+  Attributes:
+    stats: ``norm`` the L2 norm before, ``threshold`` the target norm,
+      ``clipped_norm`` the norm after, ``scale`` the factor applied (may
+      exceed 1), ``clipped`` whether the group was rescaled this step.
+    count: norms recorded so far, per group (int32).
+    mean: EMA of the norm (not bias-corrected).
+    second: EMA of the squared norm (not bias-corrected).
+    names: the groups' names (static), for :func:`clipx.stats`.
+  """
+
+  stats: ClipStats
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
+  mean: jax.Array
+  second: jax.Array
+  names: stacking.GroupNames = stacking.GroupNames()
+
+
+LayerNormalizeState.clipx_kind = "normalize"  # type: ignore[attr-defined]
+
+
+class EmaPeakState(NamedTuple):
+  """State of :func:`ema_peak`.
+
+  Attributes:
+    count: statistics recorded so far, per group (int32).
+    ema: their exponential moving average (not bias-corrected).
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
+  ema: jax.Array
+
+
+def _ema_coefficients(decay: Any, dtype) -> tuple[jax.Array, jax.Array]:
+  """``(decay, 1 - decay)`` in ``dtype``; ``1 - decay`` in double first where ``decay`` is known.
+
+  ``1 - float32(0.999)`` is ``0.000999987``, 1.3e-5 off ``0.001``: an EMA with
+  those weights converges to the reference's, which forms ``1 - theta`` in
+  Python, only to that relative error.
+  """
+  known = concrete_float(decay)
+  beta = jnp.asarray(decay, dtype)
+  rest = jnp.asarray(1.0 - known, dtype) if known is not None else 1 - beta
+  return beta, rest
+
+
+def _bias_correction(count: jax.Array, rest: jax.Array) -> jax.Array:
+  """``1 - decay**count`` from ``rest = 1 - decay``, without cancellation for decay near 1.
+
+  ``-expm1(count * log1p(-rest))``: float32 ``1 - 0.999**2`` computed directly
+  is off by up to 3e-5 relative; this is off by a few ulp.
+  """
+  return -jnp.expm1(count.astype(rest.dtype) * jnp.log1p(-rest))
+
+
+@policy_factory
+def ema_peak(decay: chex.Numeric = 0.999) -> ThresholdPolicy:
+  """AdaClip's bound: the bias-corrected EMA of the statistic, this step's included.
+
+  Each step the statistic ``x`` (for :func:`rescale_outliers`, a group's
+  largest magnitude) is recorded first, ``m <- decay * m + (1 - decay) * x``,
+  and the bound is then ``m / (1 - decay**k)``, ``k`` the number of steps
+  recorded: Adam's bias correction, so the first bound is ``x`` itself and
+  later ones are a weighted mean of the past peaks. A statistic above the
+  running mean is thus over its bound by the share of it the mean has not
+  absorbed: with the default ``decay`` nearly every step whose peak exceeds
+  the mean of past peaks has its top entries rescaled, not only spikes.
+
+  Why this and not :func:`clipx.ema_ratio`: AdaClip's bound includes the
+  current step and is bias-corrected, and its ratio is 1; every other clipx
+  policy reads its history before recording.
+
+  Args:
+    decay: EMA decay, in (0, 1) (the paper's ``theta``, default 0.999). May be
+      changed at run time inside ``optax.inject_hyperparams``.
+
+  Returns:
+    A :class:`ThresholdPolicy` whose state is :class:`EmaPeakState`; its
+    threshold is ``inf`` until a statistic has been recorded.
+
+  References:
+    Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit
+    Adam <https://arxiv.org/abs/2502.17055>`_, 2025; repository
+    ``TianjinYellow/StableSPAM``, ``galore_torch/stablespam.py`` L110-129, commit
+    ``6a66da1ea7005f7fe7bc570b7968144b42163bed``.
+
+  Deviations from the reference: a non-finite or zero statistic is not
+  recorded (clipx's rule for every policy; the reference records it, so one
+  Inf gradient makes its bound Inf for good, and a zero gradient counts as a
+  step); and the count is never reset (the reference resets it, not the EMA,
+  at each of its momentum resets, which inflates the bound ~1/(1-decay)-fold
+  for a while).
+
+  Example:
+    >>> import jax.numpy as jnp, clipx.rescaling as rescaling
+    >>> policy = rescaling.ema_peak(decay=0.5)
+    >>> state = policy.init(jnp.zeros(()))
+    >>> bound, state = policy.update(jnp.float32(2.0), state)
+    >>> float(bound)  # the first bound is the statistic itself
+    2.0
+    >>> bound, state = policy.update(jnp.float32(8.0), state)
+    >>> float(bound)  # (0.5 * 0.5 * 2 + 0.5 * 8) / (1 - 0.25)
+    6.0
+  """
+  validation.number("ema_peak", "decay", decay, low=0.0, high=1.0, high_open=True)
+
+  def init(norm):
+    dtype = jnp.promote_types(jnp.result_type(norm), jnp.float32)
+    return EmaPeakState(
+      count=jnp.zeros(jnp.shape(norm), jnp.int32), ema=jnp.zeros(jnp.shape(norm), dtype)
+    )
+
+  def update(norm, state):
+    dtype = state.ema.dtype
+    x = jnp.asarray(norm, dtype)
+    beta, rest = _ema_coefficients(decay, dtype)
+    new_ema = beta * state.ema + rest * x
+    record = jnp.isfinite(x) & (x != 0) & jnp.isfinite(new_ema)
+    ema = jnp.where(record, new_ema, state.ema)
+    count = jnp.where(record, optax.safe_increment(state.count), state.count)
+    correction = _bias_correction(count, rest)
+    bound = jnp.where(count > 0, ema / jnp.where(count > 0, correction, 1), jnp.inf)
+    return jnp.broadcast_to(bound, jnp.shape(norm)).astype(dtype), EmaPeakState(count, ema)
+
+  return ThresholdPolicy(init, update)
+
+
+def _stats(norm, clipped_norm, threshold, scale, clipped, previous: ClipStats) -> ClipStats:
+  return ClipStats(
+    norm=norm,
+    clipped_norm=clipped_norm,
+    threshold=threshold,
+    scale=scale,
+    clipped=clipped,
+    clip_count=previous.clip_count + clipped.astype(jnp.int32),
+  )
+
+
+def _leaf_groups(owner: str, tree: Any, stacked_fn: stacking.StackedFn) -> stacking.LayerGroups:
+  return stacking.layer_groups(owner, tree, lambda path: path, stacked_fn, _strip_variable_suffix)
+
+
+def _check_groups(owner: str, groups: stacking.LayerGroups, count: int) -> None:
+  if groups.num_groups != count:
+    raise ValueError(
+      f"clipx.{owner}: updates have {groups.num_groups} groups but the state was"
+      f" initialised with {count}; init with params shaped like the updates."
+    )
+
+
+def _group_slice(vector: jax.Array, base: int, shape: tuple[int, ...], ndim: int) -> jax.Array:
+  """A leaf's entries of a per-group vector, shaped to broadcast against the leaf."""
+  size = math.prod(shape)
+  return vector[base : base + size].reshape(shape + (1,) * (ndim - len(shape)))
+
+
+def rescale_outliers(
+  threshold: Threshold, *, stacked: int | stacking.StackedFn | None = None
+) -> optax.GradientTransformation:
+  """Rescales each leaf's outlying entries so the largest lands on the bound (AdaClip).
+
+  Per leaf (or per layer of a stacked leaf), with ``M`` its largest magnitude
+  and ``b`` its bound: every entry with ``|g| > b`` is multiplied by ``b / M``
+  (its sign kept), the others are unchanged. Unlike value clipping
+  (:func:`clipx.clip_by_value`), which flattens all outliers onto ``+-b``,
+  the outliers keep their order and relative sizes; unlike norm clipping, the
+  entries below the bound are left alone. Coordinate-wise spikes (a few
+  entries of a tensor jumping by orders of magnitude) are damped without
+  shrinking the rest of the gradient.
+
+  Args:
+    threshold: the bound on each group's largest magnitude: a positive float,
+      an Optax schedule, or a policy (which sees one statistic per group, its
+      largest magnitude, as the "norm"), such as :func:`ema_peak` (AdaClip).
+    stacked: for scanned models, how many leading axes of a leaf index layers
+      (an int, or a function ``(path, leaf) -> int``); each layer is then its
+      own group, as its unstacked twin would be. ``None`` or 0: none.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`OutlierRescaleState`: stats per group, named by path (and layer)
+    in ``clipx.stats(state).as_dict()`` under ``clip/outliers/...``.
+
+  References:
+    Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit
+    Adam <https://arxiv.org/abs/2502.17055>`_, 2025 (AdaClip); repository
+    ``TianjinYellow/StableSPAM``, ``galore_torch/stablespam.py`` L110-129, commit
+    ``6a66da1ea7005f7fe7bc570b7968144b42163bed``.
+
+  Deviations from the reference: a group holding NaN/Inf is passed through
+  unchanged (the reference divides its outliers by ``M = inf``, zeroing finite
+  entries); the outliers are computed as ``g / M * b`` in float32 or wider
+  whatever the gradient dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, clipx.rescaling as rescaling
+    >>> tx = rescaling.rescale_outliers(2.0)
+    >>> g = {"w": jnp.array([1.0, -3.0, 8.0])}
+    >>> out, _ = tx.update(g, tx.init(g))
+    >>> out["w"]  # -3 and 8 scaled by 2 / 8; 1 unchanged
+    Array([ 1.  , -0.75,  2.  ], dtype=float32)
+  """
+  owner = "rescale_outliers"
+  policy = as_policy(threshold, "threshold", owner)
+  stacked_fn = stacking.as_stacked_fn(owner, stacked)
+
+  def init_fn(params):
+    groups = _leaf_groups(owner, params, stacked_fn)
+    dtype = _norm_dtype(params)
+    shape = (groups.num_groups,)
+    return OutlierRescaleState(
+      init_clip_stats(shape, dtype),
+      policy.init(jnp.zeros(shape, dtype)),
+      stacking.GroupNames(tuple(groups.names)),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = norms.check_float_leaves(updates)
+    groups = _leaf_groups(owner, updates, stacked_fn)
+    _check_groups(owner, groups, state.stats.norm.shape[0])
+    dtype = state.stats.norm.dtype
+    peaks = [
+      jnp.max(
+        jnp.abs(norms.widen(x, dtype)).astype(dtype),
+        axis=tuple(range(len(shape), x.ndim)),
+        initial=0.0,
+      ).reshape(-1)
+      for x, shape in zip(leaves, groups.layer_shapes)
+    ]
+    peak = jnp.concatenate(peaks) if peaks else jnp.zeros((0,), dtype)
+    bound, threshold_state = policy.update(peak, state.threshold_state)
+    bound = bound.astype(dtype)
+    invalid = ~(bound >= 0)  # NaN or negative
+    over = jnp.isfinite(peak) & (peak > bound)
+    clipped = over | invalid
+    nan = jnp.full_like(peak, jnp.nan)
+    # Divide first: |g| / M <= 1, so g / M * b never overflows, and M lands exactly on b.
+    safe_peak = jnp.where(over, peak, 1)
+    factor = jnp.where(invalid, nan, jnp.where(over, bound / safe_peak, 1))
+
+    def rescale(x, base, shape):
+      wide = jnp.promote_types(x.dtype, dtype)
+      xw = x.astype(wide)
+      b = _group_slice(bound, base, shape, x.ndim).astype(wide)
+      m = _group_slice(safe_peak, base, shape, x.ndim).astype(wide)
+      hit = _group_slice(over, base, shape, x.ndim) & (jnp.abs(xw) > b)
+      out = jnp.where(hit, xw / m * b, xw)
+      out = jnp.where(_group_slice(invalid, base, shape, x.ndim), jnp.nan, out)
+      return out.astype(x.dtype)
+
+    out = [
+      rescale(x, base, shape) for x, base, shape in zip(leaves, groups.bases, groups.layer_shapes)
+    ]
+    clipped_peak = jnp.where(invalid, nan, jnp.where(over, bound, peak))
+    stats = _stats(peak, clipped_peak, bound, factor, clipped, state.stats)
+    treedef = jax.tree_util.tree_structure(updates)
+    new_state = OutlierRescaleState(stats, threshold_state, state.names)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _layer_norms(leaves, groups: stacking.LayerGroups) -> tuple[jax.Array, jax.Array]:
+  """Each group's L2 norm as ``(divisor, root)`` (overflow-safe, as clip_by_layer_norm)."""
+  count = groups.num_groups
+  if any(groups.layer_shapes):
+    rows = [
+      base + np.arange(math.prod(shape), dtype=np.int32)
+      for base, shape in zip(groups.bases, groups.layer_shapes)
+    ]
+    return norms.layer_norms_split(leaves, [len(s) for s in groups.layer_shapes], rows, count)
+  return norms.group_norms_split(leaves, np.asarray(groups.bases, np.int32), count)
+
+
+def normalize_by_layer_norm(
+  gamma1: chex.Numeric = 0.7,
+  gamma2: chex.Numeric = 0.9,
+  eps: chex.Numeric = 1e-8,
+  *,
+  stacked: int | stacking.StackedFn | None = None,
+) -> optax.GradientTransformation:
+  """Sets each leaf's L2 norm to ``E[n] / sqrt(E[n^2])`` of its norm history (AdaGN).
+
+  Per leaf (or per layer of a stacked leaf), with ``n = ||g||`` and ``k`` the
+  steps recorded: ``m <- gamma1 m + (1 - gamma1) n``,
+  ``v <- gamma2 v + (1 - gamma2) n**2``, ``target = (m / (1 - gamma1**k)) /
+  (sqrt(v / (1 - gamma2**k)) + eps)``, and ``g <- g / n * target`` where
+  ``n > 0``. The target is a ratio of norms, about 1 (at most about 1, by
+  Jensen, when the two decays are equal): the gradient's absolute scale is
+  discarded and each tensor arrives with a norm near 1, smaller after a spike
+  (``v`` rises faster than ``m``). This is normalisation, not clipping: the
+  scale may exceed 1. Suited to Adam-type optimizers, which are nearly
+  invariant to a tensor's scale; before plain SGD it replaces the learning
+  rate's meaning.
+
+  Args:
+    gamma1: decay of the EMA of the norm, in (0, 1).
+    gamma2: decay of the EMA of the squared norm, in (0, 1).
+    eps: added to ``sqrt(v_hat)``, >= 0 and finite.
+    stacked: for scanned models, how many leading axes of a leaf index layers
+      (an int, or a function ``(path, leaf) -> int``); each layer is then its
+      own group. ``None`` or 0: none.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is
+    :class:`LayerNormalizeState`; ``clipx.stats`` reports it under
+    ``clip/normalize/...`` (``threshold`` is the target norm, ``clipped``
+    whether the group was rescaled).
+
+  References:
+    Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit
+    Adam <https://arxiv.org/abs/2502.17055>`_, 2025 (AdaGN); repository
+    ``TianjinYellow/StableSPAM``, ``galore_torch/stablespam.py`` L132-150, commit
+    ``6a66da1ea7005f7fe7bc570b7968144b42163bed``.
+
+  Deviations from the reference: its cosine schedule on ``gamma1`` (``total_T``)
+  is left out (pass a fixed ``gamma1``; it is shared with the optimizer's
+  ``beta1`` there); a zero, non-finite or square-overflowing norm is not
+  recorded, and a group holding NaN/Inf is passed through unchanged (the
+  reference records it, poisoning the EMAs); the count is never reset (the
+  reference resets it at its momentum resets); the rescale is ``g * (target / n)``
+  (one multiply, exact for norms beyond float32's range) rather than
+  ``g / n * target``, which differs by float32 rounding.
+
+  Example:
+    >>> import jax.numpy as jnp, clipx.rescaling as rescaling
+    >>> tx = rescaling.normalize_by_layer_norm()
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> out, _ = tx.update(g, tx.init(g))
+    >>> [round(float(x), 4) for x in out["w"]]  # first step: target = n / n = 1 (eps aside)
+    [0.6, 0.8]
+  """
+  owner = "normalize_by_layer_norm"
+  validation.number(owner, "gamma1", gamma1, low=0.0, high=1.0, high_open=True)
+  validation.number(owner, "gamma2", gamma2, low=0.0, high=1.0, high_open=True)
+  validation.nonnegative(owner, "eps", eps, finite=True)
+  stacked_fn = stacking.as_stacked_fn(owner, stacked)
+
+  def init_fn(params):
+    groups = _leaf_groups(owner, params, stacked_fn)
+    dtype = _norm_dtype(params)
+    shape = (groups.num_groups,)
+    return LayerNormalizeState(
+      init_clip_stats(shape, dtype),
+      count=jnp.zeros(shape, jnp.int32),
+      mean=jnp.zeros(shape, dtype),
+      second=jnp.zeros(shape, dtype),
+      names=stacking.GroupNames(tuple(groups.names)),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = norms.check_float_leaves(updates)
+    groups = _leaf_groups(owner, updates, stacked_fn)
+    _check_groups(owner, groups, state.count.shape[0])
+    dtype = state.mean.dtype
+    if leaves:
+      divisor, root = _layer_norms(leaves, groups)
+      divisor, root = divisor.astype(dtype), root.astype(dtype)
+    else:
+      divisor, root = jnp.ones((0,), dtype), jnp.zeros((0,), dtype)
+    n = divisor * root
+    beta1, rest1 = _ema_coefficients(gamma1, dtype)
+    beta2, rest2 = _ema_coefficients(gamma2, dtype)
+    new_mean = beta1 * state.mean + rest1 * n
+    new_second = beta2 * state.second + rest2 * jnp.square(n)
+    record = jnp.isfinite(n) & (n > 0) & jnp.isfinite(new_mean) & jnp.isfinite(new_second)
+    mean = jnp.where(record, new_mean, state.mean)
+    second = jnp.where(record, new_second, state.second)
+    count = jnp.where(record, optax.safe_increment(state.count), state.count)
+    known = count > 0
+    mean_hat = mean / jnp.where(known, _bias_correction(count, rest1), 1)
+    second_hat = second / jnp.where(known, _bias_correction(count, rest2), 1)
+    target = mean_hat / (jnp.sqrt(second_hat) + jnp.asarray(eps, dtype))
+    target = jnp.where(known, target, n)  # no history: identity (never applied)
+    # A finite non-zero gradient is normalised; NaN/Inf passes through unchanged.
+    apply = known & jnp.isfinite(root) & (root > 0)
+    hi = jnp.where(apply, target / jnp.where(apply, root, 1), 1)
+    lo = jnp.where(apply, 1 / divisor, 1)  # divisor is a power of two: exact
+
+    out = [
+      scaling.scale_leaf(
+        x,
+        _group_slice(hi, base, shape, x.ndim),
+        _group_slice(lo, base, shape, x.ndim),
+      )
+      for x, base, shape in zip(leaves, groups.bases, groups.layer_shapes)
+    ]
+    scale = hi * lo
+    stats = _stats(n, jnp.where(apply, target, n), target, scale, apply, state.stats)
+    treedef = jax.tree_util.tree_structure(updates)
+    new_state = LayerNormalizeState(stats, count, mean, second, state.names)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def stable_spam_clip(
+  theta: chex.Numeric = 0.999,
+  gamma1: chex.Numeric = 0.7,
+  gamma2: chex.Numeric = 0.9,
+  eps: chex.Numeric = 1e-8,
+  *,
+  stacked: int | stacking.StackedFn | None = None,
+) -> optax.GradientTransformation:
+  """Stable-SPAM's gradient treatment: AdaClip, then AdaGN, per leaf.
+
+  ``optax.chain(rescale_outliers(ema_peak(theta)), normalize_by_layer_norm(gamma1,
+  gamma2, eps))``: each tensor's outlying entries are rescaled to the
+  bias-corrected EMA of its past peaks, then its norm is set to
+  ``E[n] / sqrt(E[n^2])`` of its (post-AdaClip) norm history. Put it before
+  ``optax.adam`` (or ``optax.adamw``, as the reference applies weight decay
+  first and decoupled) to get Stable-SPAM's gradient path; AdaGN discards
+  the gradient's scale, so it suits Adam-type optimizers, not plain SGD.
+
+  Args:
+    theta: AdaClip's EMA decay of the peaks (the reference's ``gamma3``), in (0, 1).
+    gamma1: AdaGN's decay of the EMA of the norm, in (0, 1).
+    gamma2: AdaGN's decay of the EMA of the squared norm, in (0, 1).
+    eps: AdaGN's ``eps``, >= 0.
+    stacked: for scanned models, leading layer axes per leaf (an int or
+      ``(path, leaf) -> int``); each layer is its own group in both steps.
+
+  Returns:
+    An ``optax.GradientTransformation`` (an ``optax.chain``); ``clipx.stats``
+    reports ``clip/outliers/...`` and ``clip/normalize/...``.
+
+  References:
+    Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit
+    Adam <https://arxiv.org/abs/2502.17055>`_, 2025; repository
+    ``TianjinYellow/StableSPAM``, ``galore_torch/stablespam.py`` L110-150, commit
+    ``6a66da1ea7005f7fe7bc570b7968144b42163bed``.
+
+  Deviations from the reference (besides those of :func:`rescale_outliers`,
+  :func:`ema_peak` and :func:`normalize_by_layer_norm`): the cosine schedule
+  on ``gamma1`` (``total_T``, ``eta``) and the momentum reset every
+  ``update_proj_gap`` steps are optimizer concerns (they also act on Adam's
+  ``beta1`` and moments) and are left out; each step keeps its own step count
+  (the reference shares one per tensor, equal unless a zero or non-finite
+  gradient is skipped).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, clipx.rescaling as rescaling
+    >>> tx = optax.chain(rescaling.stable_spam_clip(), optax.adam(1e-3))
+    >>> params = {"w": jnp.zeros(3)}
+    >>> updates, state = tx.update({"w": jnp.array([1.0, -2.0, 2.0])}, tx.init(params), params)
+    >>> updates["w"].shape
+    (3,)
+  """
+  owner = "stable_spam_clip"
+  for name, value in (("theta", theta), ("gamma1", gamma1), ("gamma2", gamma2)):
+    validation.number(owner, name, value, low=0.0, high=1.0, high_open=True)
+  validation.nonnegative(owner, "eps", eps, finite=True)
+  return optax.chain(
+    rescale_outliers(ema_peak(theta), stacked=stacked),
+    normalize_by_layer_norm(gamma1, gamma2, eps, stacked=stacked),
+  )
