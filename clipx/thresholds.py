@@ -442,12 +442,16 @@ class EmaRatioState(NamedTuple):
 
   Attributes:
     count: norms recorded so far, per group (int32).
-    ema: during warm-up the running mean of the recorded norms; after it, the
-      exponential moving average of the clipped norms.
+    ema: during warm-up the running mean (``warmup="mean"``) or minimum
+      (``warmup="min"``) of the recorded norms; after it, the exponential
+      moving average of the clipped norms.
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
   ema: jax.Array
+
+
+_EMA_RATIO_WARMUPS = ("mean", "min")
 
 
 @policy_factory
@@ -458,6 +462,7 @@ def ema_ratio(
   warmup_steps: int = 10,
   initial: chex.Numeric = float("inf"),
   max_threshold: chex.Numeric = float("inf"),
+  warmup: str = "mean",
 ) -> ThresholdPolicy:
   """Clip to ``ratio`` times an exponential moving average of the clipped norm.
 
@@ -469,8 +474,10 @@ def ema_ratio(
   step (1.05 with the defaults): slow growth is followed, a spike is cut.
 
   Warm-up: the EMA starts as the mean of the first ``warmup_steps`` recorded
-  norms (OLMo starts it at the first norm: ``warmup_steps=1``); meanwhile the
-  threshold is ``initial``. Non-finite and zero norms are not recorded.
+  norms (OLMo starts it at the first norm: ``warmup_steps=1``), or with
+  ``warmup="min"`` as their minimum (AdaGC's seed: a low start, so clipping
+  is tight until the EMA has grown); meanwhile the threshold is ``initial``.
+  Non-finite and zero norms are not recorded.
 
   Args:
     ratio: the allowed multiple of the EMA, > 1 (at or below 1 the EMA of
@@ -481,6 +488,10 @@ def ema_ratio(
     initial: the threshold during warm-up, > 0 (``inf``: no clipping).
     max_threshold: an upper cap on the threshold at every step, warm-up
       included, > 0 (``inf``: no cap); the EMA sees the norm clipped by it.
+    warmup: how the warm-up norms seed the EMA: ``"mean"`` (their running
+      mean) or ``"min"`` (their running minimum, as the AdaGC authors' code
+      does: ``lishuai-97/AdaGC``, ``megatron-gpt2.patch``, commit
+      ``32c249fa365e08169779d63d416bfa76c2be31fc``; see :func:`clipx.presets.adagc`).
 
   Returns:
     A :class:`ThresholdPolicy` whose state is :class:`EmaRatioState`.
@@ -504,6 +515,7 @@ def ema_ratio(
   _check_ratio_above_one("ema_ratio", "ratio", ratio)
   validation.number("ema_ratio", "decay", decay, low=0.0, high=1.0, high_open=True)
   _check_common("ema_ratio", warmup_steps, initial, max_threshold)
+  validation.choice("ema_ratio", "warmup", warmup, _EMA_RATIO_WARMUPS)
 
   def init(norm):
     dtype = _stat_dtype(norm)
@@ -519,8 +531,12 @@ def ema_ratio(
     threshold = jnp.where(warm, jnp.asarray(ratio, dtype) * state.ema, jnp.asarray(initial, dtype))
     threshold = _capped(threshold, max_threshold)
     ema_update = beta * state.ema + (1 - beta) * jnp.minimum(x, threshold)
-    mean_update = state.ema + (x - state.ema) / (state.count + 1).astype(dtype)
-    new_ema = jnp.where(warm, ema_update, mean_update)
+    if warmup == "min":
+      # The first recorded norm seeds the minimum (the state's 0 is not a norm).
+      seed_update = jnp.where(state.count == 0, x, jnp.minimum(state.ema, x))
+    else:
+      seed_update = state.ema + (x - state.ema) / (state.count + 1).astype(dtype)
+    new_ema = jnp.where(warm, ema_update, seed_update)
     record = _recordable(x) & jnp.isfinite(new_ema)
     ema = jnp.where(record, new_ema, state.ema)
     return _threshold(threshold, norm), EmaRatioState(_increment(state.count, record), ema)
