@@ -644,3 +644,140 @@ def quantile(
     return current, QuantileState(new_threshold)
 
   return ThresholdPolicy(init, update)
+
+
+class WindowZScoreState(NamedTuple):
+  """State of :func:`window_zscore`.
+
+  Attributes:
+    norms: ring buffer of the last ``history`` recorded raw (unclipped) norms,
+      shape ``(history,) + norm.shape``; slot ``i`` of a group is valid once
+      that group has recorded more than ``i`` norms.
+    count: number of norms recorded so far, per group (int32, saturating).
+  """
+
+  norms: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
+
+
+@policy_factory
+def window_zscore(
+  sigma: chex.Numeric = 3.0,
+  history: int = 128,
+  *,
+  warmup_steps: int | None = None,
+  std_floor: chex.Numeric = 1e-6,
+  initial: chex.Numeric = float("inf"),
+  max_threshold: chex.Numeric = float("inf"),
+) -> ThresholdPolicy:
+  """Clip norms more than ``sigma`` standard deviations above the recent mean.
+
+  Each step the threshold is ``mean + sigma * max(std, std_floor)`` of the
+  last ``history`` recorded norms (``std`` the population standard deviation,
+  ``ddof=0``); then the step's norm, *unclipped*, is recorded. As levanter's
+  ``clip_update_by_historical_norm``, which places it after the optimizer
+  (``optax.chain(optax.scale_by_adam(), clipx.clip_by_global_norm(
+  window_zscore()), optax.scale(-lr))``) to clip the update rather than the
+  gradient. Recording the raw norm keeps the window honest: a run of clipped
+  norms cannot pull the bound down after itself ("to prevent collapse").
+
+  Unlike :func:`zclip` the statistics are those of a fixed window (a ring
+  buffer, as :func:`autoclip` keeps), not EMAs, there is no reciprocal mode,
+  and spikes are recorded as they were; unlike :func:`autoclip` the statistic
+  is mean plus a multiple of the standard deviation, not a percentile.
+
+  Warm-up: until ``warmup_steps`` norms have been recorded the threshold is
+  ``initial`` (by default ``inf``: no clipping). Deviations from levanter,
+  deliberate: non-finite and zero norms are not recorded (clipx's shared rule
+  for every policy; levanter records every norm, so one NaN makes its bound
+  NaN, and nothing is clipped, until the NaN leaves the window); and the
+  record count does not saturate at ``history``, so ``warmup_steps`` larger
+  than ``history`` delays clipping instead of disabling it for good. On a
+  stream of finite non-zero norms the two agree to float32 rounding.
+
+  Args:
+    sigma: how many standard deviations above the mean a norm may lie, > 0
+      (``inf``: never clip); may be changed at run time inside
+      ``optax.inject_hyperparams`` without recompiling.
+    history: the window length (a Python int; it sets the state's shape).
+    warmup_steps: norms recorded before clipping starts, >= 1; ``None``
+      (default) means ``max(2, history // 2)``, levanter's rule (64 for the
+      default window).
+    std_floor: an absolute lower bound on the standard deviation, >= 0 and
+      finite, so a window of equal norms does not clip at its mean
+      (levanter's ``1e-6``). It is absolute: for tiny norms (per-layer norms
+      of small layers) lower it, or the bound is loose.
+    initial: the threshold during warm-up, > 0 (``inf``: no clipping).
+    max_threshold: an upper cap on the threshold at every step, warm-up
+      included, > 0 (``inf``: no cap). The window still records raw norms.
+
+  Returns:
+    A :class:`ThresholdPolicy` whose state is :class:`WindowZScoreState`.
+
+  References:
+    levanter, `stanford-crfm/levanter <https://github.com/stanford-crfm/levanter>`_
+    at commit ``9263f81e8b453241332c2c0b2d2001bfb2d2241c``,
+    ``src/levanter/optim/clip_update_norm.py`` (``clip_update_by_historical_norm``,
+    L36-115; chained after ``scale_by_adam`` in ``src/levanter/optim/config.py``
+    L479-482). The rule is the three-sigma rule of statistical process
+    control over a sliding window.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from clipx.thresholds import window_zscore
+    >>> policy = window_zscore(sigma=2.0, history=4, warmup_steps=4)
+    >>> state, update = policy.init(jnp.zeros(())), jax.jit(policy.update)
+    >>> for norm in [1.0, 3.0, 1.0, 3.0]:  # mean 2, std 1
+    ...   _, state = update(jnp.float32(norm), state)
+    >>> threshold, state = update(jnp.float32(100.0), state)
+    >>> float(threshold)  # 2 + 2 * 1
+    4.0
+    >>> sorted(state.norms.tolist())  # the spike is recorded unclipped
+    [1.0, 3.0, 3.0, 100.0]
+  """
+  owner = "window_zscore"
+  validation.positive(owner, "sigma", sigma)
+  validation.integer(owner, "history", history, 1)
+  if warmup_steps is not None:
+    validation.integer(owner, "warmup_steps", warmup_steps, 1)
+  validation.nonnegative(owner, "std_floor", std_floor, finite=True)
+  validation.positive(owner, "initial", initial)
+  validation.positive(owner, "max_threshold", max_threshold)
+
+  def init(norm):
+    dtype = _stat_dtype(norm)
+    size = concrete_float(history)
+    if size is None:  # traced: only inside jit
+      raise TypeError(
+        "clipx.window_zscore: history sets the shape of the state and must be a Python int;"
+        " inside optax.inject_hyperparams pass static_args=('history',)."
+      )
+    return WindowZScoreState(
+      norms=jnp.zeros((int(size),) + jnp.shape(norm), dtype),
+      count=jnp.zeros(jnp.shape(norm), jnp.int32),
+    )
+
+  def update(norm, state):
+    # The window length comes from the state, not the argument, so a traced
+    # ``history`` (inject_hyperparams without static_args) still works.
+    size = state.norms.shape[0]
+    warmup = max(2, size // 2) if warmup_steps is None else warmup_steps
+    dtype = state.norms.dtype
+    slot = jnp.arange(size).reshape((size,) + (1,) * state.count.ndim)
+    valid = slot < jnp.minimum(state.count, size)
+    seen = jnp.maximum(jnp.minimum(state.count, size), 1).astype(dtype)
+    mean = jnp.sum(jnp.where(valid, state.norms, 0), axis=0) / seen
+    deviation = jnp.where(valid, state.norms - mean, 0)
+    std = jnp.sqrt(jnp.sum(jnp.square(deviation), axis=0) / seen)
+    spread = jnp.maximum(std, jnp.asarray(std_floor, dtype))
+    k = jnp.asarray(sigma, dtype)
+    # sigma = inf never clips, even where the spread is 0 (inf * 0 would be NaN).
+    bound = jnp.where(jnp.isinf(k), jnp.inf, mean + k * spread)
+    threshold = jnp.where(state.count >= warmup, bound, jnp.asarray(initial, dtype))
+    threshold = _capped(threshold, max_threshold)
+    record = _recordable(norm)
+    write = (slot == state.count % size) & record
+    norms = jnp.where(write, jnp.asarray(norm, dtype), state.norms)
+    return _threshold(threshold, norm), WindowZScoreState(norms, _increment(state.count, record))
+
+  return ThresholdPolicy(init, update)

@@ -106,8 +106,8 @@ def test_adaclip_matches_reference_step_by_step(parity_runs):
       # The statistic is the same float32 maximum: bit for bit.
       assert float(stats.norm[i]) == float(ref["max_abs"][i]), where
       bound, ref_bound = float(stats.threshold[i]), float(ref["bound"][i])
-      # The bound: EMA and bias correction in float32, as the reference's (a few ulp).
-      assert abs(bound - ref_bound) <= 4e-7 * ref_bound, (where, bound, ref_bound)
+      # The bound: EMA and bias correction in float32, as the reference's (measured 3.3e-7).
+      assert abs(bound - ref_bound) <= 1e-6 * ref_bound, (where, bound, ref_bound)
       # Identical decisions: the same entries are outliers (the reference's mask, L124).
       ours, theirs = np.abs(g) > bound, np.abs(g) > ref_bound
       np.testing.assert_array_equal(ours, theirs, err_msg=where)
@@ -144,14 +144,14 @@ def test_stable_spam_clip_matches_reference_step_by_step(parity_runs):
       target = normalize.stats.threshold[i]
       worst["target"] = max(worst["target"], _relative(target, ref["target_norm"][i]))
       expected = ref["grads"][i].numpy()
-      np.testing.assert_allclose(x, expected, rtol=2e-5, atol=1e-6 * np.abs(expected).max())
+      np.testing.assert_allclose(x, expected, rtol=5e-6, atol=1e-6 * np.abs(expected).max())
       worst["grads"] = max(worst["grads"], _relative(np.linalg.norm(x), np.linalg.norm(expected)))
       assert bool(normalize.stats.clipped[i]), where
   # Float32 rounding: the norms of up to 2048 entries, summed in another order than torch's,
-  # and the EMAs over 300 steps.
+  # and the EMAs over 300 steps (measured: norm 4.8e-7, target 3.4e-7, entries 5.8e-7).
   assert worst["norm"] < 2e-6, worst
-  assert worst["target"] < 1e-5, worst
-  assert worst["grads"] < 1e-5, worst
+  assert worst["target"] < 2e-6, worst
+  assert worst["grads"] < 2e-6, worst
 
 
 # ------------------------------------------------------- independent checks (numpy, no torch)
