@@ -15,18 +15,30 @@ from clipx.guards import (
 )
 from clipx.norms import global_norm
 from clipx.per_example import PerExampleClipState, PerExampleGrad, clipped_grad
+from clipx.presets import adagc
 from clipx.privacy import AddNoiseState, add_noise
+from clipx.rescaling import (
+  EmaPeakState,
+  LayerNormalizeState,
+  OutlierRescaleState,
+  ema_peak,
+  normalize_by_layer_norm,
+  rescale_outliers,
+  stable_spam_clip,
+)
 from clipx.stats import ClipStats, NonfiniteStats, SkipStats, StatsReport, stats
 from clipx.thresholds import (
   AutoClipState,
   EmaRatioState,
   QuantileState,
   ThresholdPolicy,
+  WindowZScoreState,
   ZClipState,
   as_policy,
   autoclip,
   ema_ratio,
   quantile,
+  window_zscore,
   zclip,
 )
 from clipx.transforms import (
@@ -42,6 +54,7 @@ from clipx.transforms import (
   layer_groups,
   unit_axes,
 )
+from clipx.update_clipping import clip_by_block_rms
 
 __version__ = "0.1.0"
 
@@ -50,10 +63,13 @@ __all__ = [
   "AddNoiseState",
   "AutoClipState",
   "ClipStats",
+  "EmaPeakState",
   "EmaRatioState",
   "GlobalNormClipState",
   "LayerNormClipState",
+  "LayerNormalizeState",
   "NonfiniteStats",
+  "OutlierRescaleState",
   "PerExampleClipState",
   "PerExampleGrad",
   "QuantileState",
@@ -63,24 +79,32 @@ __all__ = [
   "StatsReport",
   "ThresholdPolicy",
   "ValueClipState",
+  "WindowZScoreState",
   "ZClipState",
+  "adagc",
   "adaptive_grad_clip",
   "add_noise",
   "all_finite",
   "as_policy",
   "autoclip",
+  "clip_by_block_rms",
   "clip_by_global_norm",
   "clip_by_layer_norm",
   "clip_by_value",
   "clip_tree",
   "clipped_grad",
+  "ema_peak",
   "ema_ratio",
   "global_norm",
   "layer_groups",
+  "normalize_by_layer_norm",
   "quantile",
+  "rescale_outliers",
   "skip_nonfinite",
   "skip_spikes",
+  "stable_spam_clip",
   "stats",
   "unit_axes",
+  "window_zscore",
   "zclip",
 ]

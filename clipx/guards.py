@@ -13,15 +13,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipx import norms, validation
+from clipx import norms, stacking, validation
 from clipx.stats import NonfiniteStats, SkipStats
 
 
 class SkipNonfiniteState(NamedTuple):
-  """State of :func:`skip_nonfinite`."""
+  """State of :func:`skip_nonfinite`; ``names`` are the leaves' paths (static)."""
 
   inner_state: Any
   stats: NonfiniteStats
+  names: stacking.GroupNames = stacking.GroupNames()
 
 
 SkipNonfiniteState.clipx_kind = "skip_nonfinite"  # type: ignore[attr-defined]
@@ -34,6 +35,7 @@ class SkipSpikesState(NamedTuple):
   stats: SkipStats
   ema: jax.Array
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax states do
+  names: stacking.GroupNames = stacking.GroupNames()
 
 
 SkipSpikesState.clipx_kind = "skip_spikes"  # type: ignore[attr-defined]
@@ -51,6 +53,13 @@ def _finite_leaves(tree: Any) -> jax.Array:
     return jnp.ones((0,), jnp.bool_)
   return norms.per_leaf_reduce(
     leaves, lambda x: jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+  )
+
+
+def _leaf_names(tree: Any) -> stacking.GroupNames:
+  """The leaves' paths, for the stats' ``nonfinite_leaf`` and ``source``."""
+  return stacking.GroupNames(
+    tuple(stacking.path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree))
   )
 
 
@@ -115,15 +124,22 @@ def skip_nonfinite(
       skipped=jnp.bool_(False),
       skip_count=jnp.zeros([], jnp.int32),
       nonfinite_leaf=jnp.full([], -1, jnp.int32),
+      nonfinite_device=jnp.full([], -1, jnp.int32),
     )
-    return SkipNonfiniteState(inner.init(params), stats)
+    return SkipNonfiniteState(inner.init(params), stats, _leaf_names(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     finite_leaves = _finite_leaves(updates)
     new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
     finite = jnp.all(finite_leaves) & all_finite(new_updates)
     bad_leaf = _first_false(finite_leaves)
+    bad_device = jnp.int32(-1)
     if axis_name is not None:
+      # The first device (along axis_name) whose gradients held NaN/Inf.
+      big = jnp.iinfo(jnp.int32).max
+      here = jnp.where(jnp.all(finite_leaves), big, jax.lax.axis_index(axis_name))
+      bad_device = -jax.lax.pmax(-here.astype(jnp.int32), axis_name)
+      bad_device = jnp.where(bad_device == big, -1, bad_device)
       finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
       # Every shard reports the same leaf: the first one bad on any shard.
       bad_leaf = -jax.lax.pmax(
@@ -136,8 +152,9 @@ def skip_nonfinite(
       skipped=skipped,
       skip_count=state.stats.skip_count + skipped.astype(jnp.int32),
       nonfinite_leaf=bad_leaf,
+      nonfinite_device=bad_device,
     )
-    return new_updates, SkipNonfiniteState(inner_state, stats)
+    return new_updates, SkipNonfiniteState(inner_state, stats, state.names)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -194,12 +211,19 @@ def skip_spikes(
       skip_count=jnp.zeros([], jnp.int32),
       norm=jnp.zeros([], jnp.float32),
       threshold=jnp.full([], jnp.inf, jnp.float32),
+      source=jnp.full([], -1, jnp.int32),
+      share=jnp.zeros([], jnp.float32),
     )
     zero = jnp.zeros([], jnp.float32)
-    return SkipSpikesState(inner.init(params), stats, zero, jnp.zeros([], jnp.int32))
+    return SkipSpikesState(
+      inner.init(params), stats, zero, jnp.zeros([], jnp.int32), _leaf_names(params)
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
-    norm = norms.global_norm(updates, axis_name=axis_name).astype(jnp.float32)
+    divisor, root, source, share = norms.global_norm_attributed(
+      norms.check_float_leaves(updates), axis_name=axis_name
+    )
+    norm = (divisor * root).astype(jnp.float32)
     debiased = state.ema / (1 - decay ** state.count.astype(jnp.float32))
     warm = (state.count >= warmup_steps) & (state.count > 0)  # count 0: debiased is 0 / 0
     threshold = jnp.where(warm, factor * debiased, jnp.inf)
@@ -214,7 +238,9 @@ def skip_spikes(
       skip_count=state.stats.skip_count + skipped.astype(jnp.int32),
       norm=norm,
       threshold=threshold.astype(jnp.float32),
+      source=source,
+      share=share.astype(jnp.float32),
     )
-    return new_updates, SkipSpikesState(inner_state, stats, ema, count)
+    return new_updates, SkipSpikesState(inner_state, stats, ema, count, state.names)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

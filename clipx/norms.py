@@ -297,6 +297,24 @@ def safe_vector_norm(values: jax.Array) -> jax.Array:
   return d * safe_sqrt(jnp.sum(jnp.square(values / d)))
 
 
+def _merged_layout(leaves: Sequence[jax.Array]) -> tuple[list[int], np.ndarray]:
+  """Where :func:`_merge_small_leaves` puts each leaf: large leaves' indices, then per
+  element of the merged small-leaf vector, the index of the leaf it came from.
+
+  Empty when nothing is merged (fewer than two small leaves). Static (numpy).
+  """
+  small = [i for i, x in enumerate(leaves) if x.size <= SMALL_LEAF_SIZE]
+  if len(small) < 2:
+    return [], np.zeros((0,), np.int32)
+  large = [i for i, x in enumerate(leaves) if x.size > SMALL_LEAF_SIZE]
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i in small:
+    shape = leaves[i].shape if leaves[i].ndim else (1,)
+    groups.setdefault(tuple(shape[1:]), []).append(i)
+  owners = [np.full(max(leaves[i].size, 0), i, np.int32) for g in groups.values() for i in g]
+  return large, np.concatenate(owners) if owners else np.zeros((0,), np.int32)
+
+
 def _merge_small_leaves(leaves: Sequence[jax.Array], dtype) -> list[jax.Array]:
   """Large leaves as they are, plus the small leaves concatenated into one array.
 
@@ -370,6 +388,63 @@ def group_norms_split(
 
   # One cond for the whole tree: a cond per leaf compiles tens of times slower.
   return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, list(leaves))
+
+
+def global_norm_attributed(
+  leaves: Sequence[jax.Array], *, axis_name=None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The global norm as ``(divisor, root)``, and where it came from: ``(source, share)``.
+
+  ``source`` is the index (in ``leaves``' order) of the leaf with the largest
+  share of the squared norm and ``share`` that fraction (0 for a zero norm), so
+  a clipped or skipped step says which leaf spiked. On the common path the
+  per-leaf sums of squares are the ones the norm is made of: large leaves are
+  reduced one by one anyway, and the merged small leaves (see
+  :func:`_merge_small_leaves`) cost one more reduction of that small vector.
+  With ``axis_name`` the per-leaf vector (not only its sum) is all-reduced.
+  """
+  dtype = _common_dtype(leaves)
+  count = len(leaves)
+  if not count:
+    zero = jnp.zeros((), dtype)
+    return jnp.ones((), dtype), zero, jnp.int32(-1), zero
+  large, owners = _merged_layout(leaves) if jax.device_count() == 1 else ([], None)
+  if owners is not None and owners.size:
+    merged = _merge_small_leaves(leaves, dtype)
+    sums = leaf_sq_norms(merged)
+    # Each small leaf's sum: one segment sum over the small vector, in leaf order.
+    small_ids = np.unique(owners)
+    local = np.searchsorted(small_ids, owners).astype(np.int32)
+    small_sums = jax.ops.segment_sum(jnp.square(merged[-1]), local, small_ids.size)
+    values = jnp.concatenate([sums[: len(large)], small_sums])
+    per_leaf = values[np.argsort(np.concatenate([np.asarray(large, np.int64), small_ids]))]
+    total = jnp.sum(sums)
+  else:
+    per_leaf = leaf_sq_norms(leaves)
+    total = jnp.sum(per_leaf)
+  if axis_name is not None:
+    per_leaf = lax.psum(per_leaf, axis_name)
+    total = jnp.sum(per_leaf)
+
+  def shares(terms, whole):
+    return jnp.argmax(terms).astype(jnp.int32), jnp.where(whole > 0, jnp.max(terms) / whole, 0)
+
+  def common(_):
+    return (jnp.ones((), dtype), safe_sqrt(total), *shares(per_leaf, total))
+
+  def fallback(leaves):
+    d, r = _scaled_leaf_norms(leaves, dtype)
+    group_d = jnp.max(d)
+    if axis_name is not None:
+      group_d = lax.pmax(group_d, axis_name)
+    terms = jnp.square(d / group_d * r)
+    if axis_name is not None:
+      terms = lax.psum(terms, axis_name)
+    whole = jnp.sum(terms)
+    return (group_d, safe_sqrt(whole), *shares(terms, whole))
+
+  finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(per_leaf))
+  return lax.cond(finite, common, fallback, list(leaves))
 
 
 def layer_norms_split(

@@ -30,6 +30,12 @@ class ClipStats(NamedTuple):
       clipping, ``clipped_norm / norm`` of the whole tree).
     clipped: whether the step was clipped.
     clip_count: number of steps clipped so far.
+    source: where the norm came from (spike forensics): the index of the leaf
+      (global, AGC) or group (per layer) with the largest share of the squared
+      norm, in tree order; ``clipx.stats`` prints its path. None where a scope
+      does not report it.
+    share: that leaf's or group's fraction of the squared norm (0 for a zero
+      norm; for value clipping, 1 where anything is non-zero).
   """
 
   norm: jax.Array
@@ -38,6 +44,8 @@ class ClipStats(NamedTuple):
   scale: jax.Array
   clipped: jax.Array
   clip_count: jax.Array
+  source: Any = None
+  share: Any = None
 
 
 class SkipStats(NamedTuple):
@@ -48,12 +56,16 @@ class SkipStats(NamedTuple):
     skip_count: number of steps skipped so far.
     norm: the global norm the decision was based on.
     threshold: the norm above which a step is skipped (inf during warm-up).
+    source: the index of the leaf with the largest share of the squared norm.
+    share: that leaf's fraction of the squared norm.
   """
 
   skipped: jax.Array
   skip_count: jax.Array
   norm: jax.Array
   threshold: jax.Array
+  source: Any = None
+  share: Any = None
 
 
 class NonfiniteStats(NamedTuple):
@@ -66,15 +78,21 @@ class NonfiniteStats(NamedTuple):
     nonfinite_leaf: index, in the gradients' leaf order
       (``jax.tree.leaves(grads)``), of the first leaf that held NaN/Inf in the
       latest step; -1 when every leaf was finite.
+    nonfinite_device: with ``axis_name`` (``shard_map``/``pmap``), the index
+      along that axis of the first device whose gradients held NaN/Inf; -1
+      when none did or without ``axis_name``.
   """
 
   skipped: jax.Array
   skip_count: jax.Array
   nonfinite_leaf: jax.Array
+  nonfinite_device: Any = None
 
 
-def init_clip_stats(shape: tuple[int, ...] = (), dtype=jnp.float32) -> ClipStats:
-  """All-zero ``ClipStats`` for a norm of the given shape."""
+def init_clip_stats(
+  shape: tuple[int, ...] = (), dtype=jnp.float32, *, forensics: bool = False
+) -> ClipStats:
+  """All-zero ``ClipStats`` for a norm of the given shape (``source`` -1 with ``forensics``)."""
   # Separate buffers: a donated state must not hold one buffer twice.
   return ClipStats(
     norm=jnp.zeros(shape, dtype),
@@ -83,6 +101,8 @@ def init_clip_stats(shape: tuple[int, ...] = (), dtype=jnp.float32) -> ClipStats
     scale=jnp.ones(shape, dtype),
     clipped=jnp.zeros(shape, jnp.bool_),
     clip_count=jnp.zeros(shape, jnp.int32),
+    source=jnp.full((), -1, jnp.int32) if forensics else None,
+    share=jnp.zeros((), dtype) if forensics else None,
   )
 
 
@@ -118,6 +138,8 @@ class StatsReport(dict):
     for name, stats in self.items():
       names = self.group_names.get(name, ())
       for field, value in stats._asdict().items():
+        if value is None:
+          continue
         array = np.asarray(jax.device_get(value), dtype=np.float64)
         key = f"{prefix}/{name}/{field}"
         if array.ndim == 0:
@@ -129,11 +151,33 @@ class StatsReport(dict):
           flat[f"{key}/{label}"] = float(item)
     return flat
 
+  def source_paths(self) -> dict[str, str]:
+    """``{name: path}`` of each entry's ``source`` (the leaf or group that held the
+    largest share of the norm, or the first NaN/Inf leaf), where names are known."""
+    paths = {}
+    for name, stats in self.items():
+      names = self.group_names.get(name, ())
+      index = getattr(stats, "source", None)
+      if index is None:
+        index = getattr(stats, "nonfinite_leaf", None)
+      if index is None or not names:
+        continue
+      position = int(np.asarray(jax.device_get(index)))
+      if 0 <= position < len(names):
+        paths[name] = names[position]
+    return paths
+
   def __str__(self) -> str:
     lines = []
+    paths = self.source_paths()
     for name, stats in self.items():
       fields = []
       for field, value in stats._asdict().items():
+        if value is None:
+          continue
+        if field in ("source", "nonfinite_leaf") and name in paths:
+          fields.append(f"{field}={paths[name]}")
+          continue
         array = np.asarray(jax.device_get(value))
         if array.ndim == 0:
           fields.append(

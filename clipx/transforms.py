@@ -47,10 +47,11 @@ Threshold: TypeAlias = float | jax.Array | optax.Schedule | ThresholdPolicy
 
 
 class GlobalNormClipState(NamedTuple):
-  """State of :func:`clip_by_global_norm`."""
+  """State of :func:`clip_by_global_norm`; ``names`` are the leaves' paths (static)."""
 
   stats: ClipStats
   threshold_state: Any
+  names: stacking.GroupNames = stacking.GroupNames()
 
 
 GlobalNormClipState.clipx_kind = "global"  # type: ignore[attr-defined]
@@ -71,26 +72,30 @@ LayerNormClipState.clipx_kind = "layer"  # type: ignore[attr-defined]
 
 
 class AdaptiveGradClipState(NamedTuple):
-  """State of :func:`adaptive_grad_clip`."""
+  """State of :func:`adaptive_grad_clip`; ``names`` are the leaves' paths (static)."""
 
   stats: ClipStats
   threshold_state: Any
+  names: stacking.GroupNames = stacking.GroupNames()
 
 
 AdaptiveGradClipState.clipx_kind = "agc"  # type: ignore[attr-defined]
 
 
 class ValueClipState(NamedTuple):
-  """State of :func:`clip_by_value`."""
+  """State of :func:`clip_by_value`; ``names`` are the leaves' paths (static)."""
 
   stats: ClipStats
   threshold_state: Any
+  names: stacking.GroupNames = stacking.GroupNames()
 
 
 ValueClipState.clipx_kind = "value"  # type: ignore[attr-defined]
 
 
-def _stats(norm, clipped_norm, threshold, scale, clipped, previous: ClipStats) -> ClipStats:
+def _stats(
+  norm, clipped_norm, threshold, scale, clipped, previous: ClipStats, source=None, share=None
+) -> ClipStats:
   return ClipStats(
     norm=norm,
     clipped_norm=clipped_norm,
@@ -98,7 +103,29 @@ def _stats(norm, clipped_norm, threshold, scale, clipped, previous: ClipStats) -
     scale=scale,
     clipped=clipped,
     clip_count=previous.clip_count + clipped.astype(jnp.int32),
+    source=source,
+    share=share,
   )
+
+
+def leaf_names(tree: chex.ArrayTree) -> stacking.GroupNames:
+  """The paths of ``tree``'s leaves (``blocks/attn/kernel``), for the stats' ``source``."""
+  return stacking.GroupNames(
+    tuple(
+      stacking.path_name(_strip_variable_suffix(path))
+      for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+    )
+  )
+
+
+def _largest_share(divisor: jax.Array, root: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(index, fraction)`` of the largest of norms ``divisor * root`` in their squared sum."""
+  if divisor.shape[0] == 0:
+    return jnp.int32(-1), jnp.zeros((), root.dtype)
+  terms = jnp.square(divisor / jnp.max(divisor) * root)
+  whole = jnp.sum(terms)
+  share = jnp.where(whole > 0, jnp.max(terms) / jnp.where(whole > 0, whole, 1), 0)
+  return jnp.argmax(terms).astype(jnp.int32), share
 
 
 def _norm_dtype(tree) -> jnp.dtype:
@@ -136,35 +163,45 @@ def clip_tree(
       " which keep state, use clipx.clip_by_global_norm(...) as a transform."
     )
   validation.positive("clip_tree", "max_norm", max_norm)
-  divisor, root = _global_norm_split(tree, axis_name)
-  zero = init_clip_stats((), root.dtype)
-  return _scale_globally(tree, divisor, root, jnp.asarray(max_norm), zero)
+  norm = _global_norm_split(tree, axis_name)
+  zero = init_clip_stats((), norm[1].dtype, forensics=True)
+  return _scale_globally(tree, norm, jnp.asarray(max_norm), zero)
 
 
-def _global_norm_split(updates: chex.ArrayTree, axis_name: Any) -> tuple[jax.Array, jax.Array]:
-  """The global norm as ``(divisor, root)`` scalars (see :func:`norms.group_norms_split`)."""
+def _global_norm_split(updates: chex.ArrayTree, axis_name: Any) -> tuple[jax.Array, ...]:
+  """The global norm as ``(divisor, root)``, with its ``(source, share)`` (forensics)."""
   leaves = norms.check_float_leaves(updates)
-  ids = np.zeros(len(leaves), np.int32)
-  divisor, root = norms.group_norms_split(leaves, ids, 1, axis_name=axis_name)
-  return divisor[0], root[0]
+  return norms.global_norm_attributed(leaves, axis_name=axis_name)
 
 
 def _scale_globally(
-  updates: chex.ArrayTree, divisor, root, threshold, previous: ClipStats
+  updates: chex.ArrayTree, norm: tuple[jax.Array, ...], threshold, previous: ClipStats
 ) -> tuple[chex.ArrayTree, ClipStats]:
   """The global scope: every leaf scaled by one factor; shared by the transform and clip_tree."""
+  divisor, root, source, share = norm
   threshold = jnp.asarray(threshold).astype(root.dtype)
   decision = scaling.decide(divisor, root, threshold)
   hi, lo = scaling.gated_scale(decision.clipped, decision.hi, decision.lo)
   updates = scaling.scale_tree(updates, hi, lo)
-  return updates, _decision_stats(decision, threshold, previous)
+  return updates, _decision_stats(decision, threshold, previous, source, share)
 
 
-def _decision_stats(decision: scaling.Decision, threshold, previous: ClipStats) -> ClipStats:
+def _decision_stats(
+  decision: scaling.Decision, threshold, previous: ClipStats, source=None, share=None
+) -> ClipStats:
   """Stats of a norm scope; the clipped norm is the threshold where clipped (exact, no overflow)."""
   valid = threshold >= 0
   clipped_norm = jnp.where(valid, jnp.where(decision.clipped, threshold, decision.norm), jnp.nan)
-  return _stats(decision.norm, clipped_norm, threshold, decision.scale, decision.clipped, previous)
+  return _stats(
+    decision.norm,
+    clipped_norm,
+    threshold,
+    decision.scale,
+    decision.clipped,
+    previous,
+    source,
+    share,
+  )
 
 
 def clip_by_global_norm(
@@ -201,14 +238,18 @@ def clip_by_global_norm(
 
   def init_fn(params):
     dtype = _norm_dtype(params)
-    return GlobalNormClipState(init_clip_stats((), dtype), policy.init(jnp.zeros((), dtype)))
+    return GlobalNormClipState(
+      init_clip_stats((), dtype, forensics=True),
+      policy.init(jnp.zeros((), dtype)),
+      leaf_names(params),
+    )
 
   def update_fn(updates, state, params=None):
     del params
-    divisor, root = _global_norm_split(updates, axis_name)
-    threshold, threshold_state = policy.update(divisor * root, state.threshold_state)
-    updates, stats = _scale_globally(updates, divisor, root, threshold, state.stats)
-    return updates, GlobalNormClipState(stats, threshold_state)
+    norm = _global_norm_split(updates, axis_name)
+    threshold, threshold_state = policy.update(norm[0] * norm[1], state.threshold_state)
+    updates, stats = _scale_globally(updates, norm, threshold, state.stats)
+    return updates, GlobalNormClipState(stats, threshold_state, state.names)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -308,7 +349,7 @@ def clip_by_layer_norm(
     dtype = _norm_dtype(params)
     shape = (groups.num_groups,)
     return LayerNormClipState(
-      init_clip_stats(shape, dtype),
+      init_clip_stats(shape, dtype, forensics=True),
       policy.init(jnp.zeros(shape, dtype)),
       stacking.GroupNames(tuple(groups.names)),
     )
@@ -344,7 +385,7 @@ def clip_by_layer_norm(
     ]
     leaf_scales = scaling.gated_slices(jnp.any(decision.clipped), decision, spans)
     out = [scaling.scale_leaf(x, hi, lo) for x, (hi, lo) in zip(leaves, leaf_scales)]
-    stats = _decision_stats(decision, threshold, state.stats)
+    stats = _decision_stats(decision, threshold, state.stats, *_largest_share(divisor, root))
     new_state = LayerNormClipState(stats, threshold_state, state.names)
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
@@ -464,7 +505,11 @@ def adaptive_grad_clip(
 
   def init_fn(params):
     dtype = _norm_dtype(params)
-    return AdaptiveGradClipState(init_clip_stats((), dtype), policy.init(jnp.zeros((), dtype)))
+    return AdaptiveGradClipState(
+      init_clip_stats((), dtype, forensics=True),
+      policy.init(jnp.zeros((), dtype)),
+      leaf_names(params),
+    )
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -546,9 +591,21 @@ def adaptive_grad_clip(
     out = [scaling.scale_leaf(x, hi, lo) for x, (hi, lo) in zip(leaves, leaf_scales)]
     scale = jnp.where(norm > 0, clipped_norm / jnp.where(norm > 0, norm, 1), 1).astype(dtype)
     scale = jnp.where(ratio >= 0, scale, jnp.nan)
-    stats = _stats(norm, clipped_norm, ratio, scale, clipped, state.stats)
+    # Forensics: each leaf's share of the squared norm, from its units (a unit-sized sum).
+    owner = np.concatenate(
+      [np.full(math.prod(shape), i, np.int32) for i, (_, shape) in enumerate(spans)]
+      + [np.zeros((0,), np.int32)]
+    )
+    if owner.size:
+      terms = jnp.square(g_divisor / jnp.max(g_divisor) * g_root)
+      leaf_terms = jax.ops.segment_sum(terms, owner, len(leaves))
+      source, share = _largest_share(jnp.ones_like(leaf_terms), jnp.sqrt(leaf_terms))
+    else:
+      source, share = jnp.int32(-1), jnp.zeros((), dtype)
+    stats = _stats(norm, clipped_norm, ratio, scale, clipped, state.stats, source, share)
     treedef = jax.tree_util.tree_structure(updates)
-    return jax.tree_util.tree_unflatten(treedef, out), AdaptiveGradClipState(stats, threshold_state)
+    new_state = AdaptiveGradClipState(stats, threshold_state, state.names)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -579,27 +636,26 @@ def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.Gradien
 
   def init_fn(params):
     dtype = _norm_dtype(params)
-    return ValueClipState(init_clip_stats((), dtype), policy.init(jnp.zeros((), dtype)))
+    return ValueClipState(
+      init_clip_stats((), dtype, forensics=True),
+      policy.init(jnp.zeros((), dtype)),
+      leaf_names(params),
+    )
 
   def update_fn(updates, state, params=None):
     del params
     leaves = norms.check_float_leaves(updates)
     dtype = _norm_dtype(updates)
-    largest = (
-      jnp.max(
-        norms.per_leaf_reduce(
-          leaves,
-          lambda x: jnp.max(
-            jnp.abs(norms.widen(x, dtype)), axis=tuple(range(1, x.ndim)), initial=0.0
-          ),
-        ),
-        initial=0.0,
-      )
-      if leaves
-      else jnp.zeros((), dtype)
-    )
+    per_leaf = norms.per_leaf_reduce(
+      leaves,
+      lambda x: jnp.max(jnp.abs(norms.widen(x, dtype)), axis=tuple(range(1, x.ndim)), initial=0.0),
+    ).astype(dtype)
     if axis_name is not None:
-      largest = lax.pmax(largest, axis_name)
+      per_leaf = lax.pmax(per_leaf, axis_name)
+    largest = jnp.max(per_leaf, initial=0.0)
+    # Forensics: the leaf holding the largest magnitude.
+    source = jnp.argmax(per_leaf).astype(jnp.int32) if leaves else jnp.int32(-1)
+    share = (largest > 0).astype(dtype)
     threshold, threshold_state = policy.update(largest, state.threshold_state)
     # A NaN or negative run-time bound makes the update NaN, as in every scope.
     threshold = jnp.where(threshold >= 0, threshold, jnp.nan).astype(dtype)
@@ -613,7 +669,9 @@ def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.Gradien
     updates = jax.tree.map(clip_leaf, updates)
     clipped_norm = jnp.where(clipped, threshold, largest)
     scale = jnp.where(largest > 0, clipped_norm / jnp.where(largest > 0, largest, 1), 1)
-    stats = _stats(largest, clipped_norm, threshold, scale.astype(dtype), clipped, state.stats)
-    return updates, ValueClipState(stats, threshold_state)
+    stats = _stats(
+      largest, clipped_norm, threshold, scale.astype(dtype), clipped, state.stats, source, share
+    )
+    return updates, ValueClipState(stats, threshold_state, state.names)
 
   return optax.GradientTransformation(init_fn, update_fn)

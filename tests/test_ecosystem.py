@@ -20,7 +20,16 @@ import clipx
 
 GLOBAL_KEYS = {
   f"clip/global/{field}"
-  for field in ("norm", "clipped_norm", "threshold", "scale", "clipped", "clip_count")
+  for field in (
+    "norm",
+    "clipped_norm",
+    "threshold",
+    "scale",
+    "clipped",
+    "clip_count",
+    "source",
+    "share",
+  )
 }
 
 
@@ -298,7 +307,10 @@ def test_stats_keys_are_stable_through_wrappers(wrapper):
   logged = clipx.stats(state).as_dict()
   expected = set(GLOBAL_KEYS)
   if wrapper == "skip_nonfinite":
-    expected |= {f"clip/skip_nonfinite/{f}" for f in ("skipped", "skip_count", "nonfinite_leaf")}
+    expected |= {
+      f"clip/skip_nonfinite/{f}"
+      for f in ("skipped", "skip_count", "nonfinite_leaf", "nonfinite_device")
+    }
   assert set(logged) == expected
   assert all(type(value) is float for value in logged.values())
   assert (logged["clip/global/norm"], logged["clip/global/clipped_norm"]) == (5.0, 1.0)

@@ -185,7 +185,9 @@ def test_stats_report_is_returned_from_a_jitted_step():
   flat = host.as_dict()
   assert flat["clip/skip_nonfinite/skipped"] == 1.0
   assert flat["clip/skip_nonfinite/nonfinite_leaf"] == 1.0
-  assert "skip_nonfinite: skipped=True, skip_count=1, nonfinite_leaf=1" in str(report)
+  # Printed, the report names the leaf by its path.
+  assert "skip_nonfinite: skipped=True, skip_count=1, nonfinite_leaf=b" in str(report)
+  assert report.source_paths()["skip_nonfinite"] == "b"
 
 
 def test_skip_nonfinite_stats_on_a_finite_step():
@@ -193,7 +195,7 @@ def test_skip_nonfinite_stats_on_a_finite_step():
   params = {"w": jnp.ones(2)}
   _, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
   report = clipx.stats(state)["skip_nonfinite"]
-  assert report._fields == ("skipped", "skip_count", "nonfinite_leaf")
+  assert report._fields == ("skipped", "skip_count", "nonfinite_leaf", "nonfinite_device")
   assert (bool(report.skipped), int(report.skip_count), int(report.nonfinite_leaf)) == (
     False,
     0,

@@ -1,0 +1,131 @@
+"""Spike forensics: the statistics say where a norm came from.
+
+``source`` is the leaf (global, AGC, value) or group (per layer) with the
+largest share of the squared norm, ``share`` that fraction; the skip wrappers
+say the same, and ``skip_nonfinite`` names the first leaf and, under
+``shard_map``, the first device holding NaN/Inf. Checked against numpy.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import clipx
+
+
+def _tree(spike_leaf: str | None = None, big: float = 50.0):
+  rng = np.random.default_rng(0)
+  tree = {
+    "decoder": {"w": rng.normal(size=(300, 200)), "b": rng.normal(size=(200,))},
+    "encoder": {"w": rng.normal(size=(8, 8)), "b": rng.normal(size=(8,))},
+    "head": rng.normal(size=(3,)),
+  }
+  tree = jax.tree.map(lambda x: jnp.asarray(x * 0.01, jnp.float32), tree)
+  if spike_leaf:
+    outer, inner = spike_leaf.split("/")
+    tree[outer][inner] = tree[outer][inner] * big
+  return tree
+
+
+def _expected(tree):
+  paths = [clipx.stacking.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  sq = np.asarray([np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)])
+  return paths, int(np.argmax(sq)), float(np.max(sq) / np.sum(sq))
+
+
+@pytest.mark.parametrize("spike", ["decoder/w", "encoder/b", "encoder/w", "decoder/b"])
+def test_global_clip_names_the_spiking_leaf(spike):
+  tree = _tree(spike, big=2000.0)
+  tx = clipx.clip_by_global_norm(1.0)
+  _, state = jax.jit(tx.update)(tree, tx.init(tree))
+  paths, index, share = _expected(tree)
+  report = clipx.stats(state)
+  assert paths[index] == spike
+  assert int(report["global"].source) == index
+  np.testing.assert_allclose(float(report["global"].share), share, rtol=1e-5)
+  assert report.source_paths() == {"global": spike}
+  assert f"source={spike}" in str(report)
+  assert report.as_dict()["clip/global/source"] == float(index)
+
+
+def test_global_forensics_on_the_overflow_path():
+  tree = _tree()
+  tree["encoder"]["b"] = tree["encoder"]["b"].at[0].set(3e38)  # sum of squares overflows
+  _, stats = clipx.clip_tree(tree, 1.0)
+  assert int(stats.source) == 2  # leaf order: decoder/b, decoder/w, encoder/b, ...
+  assert float(stats.share) == pytest.approx(1.0)
+
+
+def test_layer_clip_names_the_group_with_the_largest_norm():
+  tree = _tree("encoder/w", big=5000.0)
+  tx = clipx.clip_by_layer_norm(1.0, group="module")
+  _, state = jax.jit(tx.update)(tree, tx.init(tree))
+  report = clipx.stats(state)
+  norms = np.asarray(report["layer"].norm, np.float64)
+  assert report.source_paths()["layer"] == "encoder"
+  np.testing.assert_allclose(float(report["layer"].share), np.max(norms**2) / np.sum(norms**2))
+
+
+def test_agc_and_value_clip_name_the_leaf():
+  tree = _tree("encoder/b", big=5000.0)
+  params = jax.tree.map(jnp.ones_like, tree)
+  agc = clipx.adaptive_grad_clip(0.01)
+  _, state = jax.jit(agc.update)(tree, agc.init(params), params)
+  paths, index, share = _expected(tree)
+  assert clipx.stats(state).source_paths()["agc"] == "encoder/b"
+  np.testing.assert_allclose(float(clipx.stats(state)["agc"].share), share, rtol=1e-5)
+  value = clipx.clip_by_value(0.1)
+  _, state = jax.jit(value.update)(tree, value.init(tree))
+  largest = [float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(tree)]
+  assert int(clipx.stats(state)["value"].source) == int(np.argmax(largest))
+
+
+def test_skip_spikes_names_the_leaf_of_a_skipped_step():
+  tx = clipx.skip_spikes(optax.sgd(0.1), warmup_steps=3)
+  params = _tree()
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for _ in range(5):
+    _, state = step(_tree(), state, params)
+  _, state = step(_tree("decoder/b", big=1e4), state, params)
+  report = clipx.stats(state)
+  assert bool(report["skip_spikes"].skipped)
+  assert report.source_paths()["skip_spikes"] == "decoder/b"
+
+
+def test_nonfinite_device_under_shard_map():
+  code = textwrap.dedent(
+    """
+    from functools import partial
+    import jax, jax.numpy as jnp, numpy as np, optax, clipx
+    from jax.sharding import PartitionSpec as P
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    tx = clipx.skip_nonfinite(optax.sgd(0.1), axis_name="d")
+
+    @jax.jit
+    @partial(jax.shard_map, mesh=mesh, in_specs=(P("d"), P(), P("d")), out_specs=(P("d"), P()))
+    def step(grads, state, params):
+      updates, state = tx.update(grads, state, params)
+      return updates, state
+
+    params = {"a": jnp.zeros(16), "b": jnp.zeros(16)}
+    grads = {"a": jnp.ones(16), "b": jnp.ones(16).at[11].set(jnp.nan)}  # device 5 holds 10, 11
+    _, state = step(grads, tx.init(params), params)
+    stats = clipx.stats(state)["skip_nonfinite"]
+    assert bool(stats.skipped), stats
+    assert int(stats.nonfinite_device) == 5, stats
+    assert int(stats.nonfinite_leaf) == 1, stats
+    print("ok")
+    """
+  )
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("ok")
