@@ -1,0 +1,121 @@
+"""Overhead of the spike methods and of forensics against a fixed global clip.
+
+``python benchmarks/spike_methods.py`` times one optimizer step (clip + Adam
+or SGD-momentum, buffers donated) on the ResNet-50-shaped tree of
+``trees.py``, every case interleaved round after round in one process pinned
+to one thread setting (``--threads``, default 1: XLA on one core), and prints
+each case's paired median ratio to the fixed global clip. Targets (issue 18):
+each adaptive method <= 1.05x, forensics <= 1.02x.
+
+"Forensics off" is the fixed global clip written without the per-leaf
+attribution (``norms.group_norms_split``, the path before forensics landed),
+so the forensics row is the cost of ``source``/``share`` alone. The report goes
+to ``runs/benchmarks/spike_methods.md`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import threads  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--threads", default="1", help="one setting: 1 or all")
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--quick", action="store_true", help="a small tree, for the smoke test")
+  parser.add_argument("--out", default="runs/benchmarks/spike_methods.md")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> str:
+  args = parse_args(argv)
+  setting = threads.parse(args.threads)
+  threads.pin(setting)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from timing import Case, ratio, time_cases
+  from trees import benchmark_shapes, random_tree
+
+  import clipx
+  from clipx import norms, scaling
+
+  def global_clip_without_forensics(max_norm: float) -> optax.GradientTransformation:
+    def update(updates, state, params=None):
+      leaves = jax.tree.leaves(updates)
+      d, r = norms.group_norms_split(leaves, np.zeros(len(leaves), np.int32), 1)
+      decision = scaling.decide(d[0], r[0], jnp.float32(max_norm))
+      hi, lo = scaling.gated_scale(decision.clipped, decision.hi, decision.lo)
+      return scaling.scale_tree(updates, hi, lo), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+  adam = lambda: optax.adam(1e-3)  # noqa: E731
+  cases_tx = {
+    "global 1.0 + adam (forensics off)": optax.chain(global_clip_without_forensics(1.0), adam()),
+    "global 1.0 + adam": optax.chain(clipx.clip_by_global_norm(1.0), adam()),
+    "zclip + adam": optax.chain(clipx.clip_by_global_norm(clipx.zclip()), adam()),
+    "adagc + adam": optax.chain(clipx.adagc(), adam()),
+    "stable_spam_clip + adam": optax.chain(clipx.stable_spam_clip(), adam()),
+    "adam, update window_zscore": optax.chain(
+      optax.scale_by_adam(),
+      clipx.clip_by_global_norm(clipx.window_zscore()),
+      optax.scale(-1e-3),
+    ),
+    "adam, update block_rms": optax.chain(
+      optax.scale_by_adam(), clipx.clip_by_block_rms(1.0), optax.scale(-1e-3)
+    ),
+  }
+  base = "global 1.0 + adam"
+  shapes = benchmark_shapes(args.quick)
+  params = jax.tree.map(jnp.asarray, random_tree(shapes, 0))
+  grads = jax.tree.map(jnp.asarray, random_tree(shapes, 1, scale=0.1))
+
+  cases = {}
+  for name, tx in cases_tx.items():
+
+    def step(params, state, grads, tx=tx):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile()
+    state = (jax.tree.map(jnp.copy, params), tx.init(params))
+    cases[name] = Case(compiled, state, (grads,))
+  times = time_cases(cases, args.rounds, args.iters)
+  label = threads.label(setting)
+  leaves = len(jax.tree.leaves(params))
+  size = sum(int(np.prod(s)) for s in shapes.values())
+  lines = [
+    f"One optimizer step, ResNet-50-shaped tree ({leaves} leaves, {size / 1e6:.2f}M parameters),"
+    f" float32, {label}, {args.rounds} rounds x {args.iters} steps; jax {jax.__version__}.",
+    "",
+    f"| case | median ms | ratio to `{base}` (median, min/min) | target |",
+    "|---|---|---|---|",
+  ]
+  for name in cases:
+    median, best = ratio(times, name, base)
+    target = "" if name == base else "forensics <= 1.02x" if "forensics off" in name else "<= 1.05x"
+    if "forensics off" in name:  # the cost of forensics: base over this row
+      median, best = ratio(times, base, name)
+      name = f"`{base}` over `{name}` (forensics' cost)"
+    ms = 1e3 * float(np.median(times[name] if name in times else times[base]))
+    lines.append(f"| {name} | {ms:.1f} | {median:.3f}x / {best:.3f}x | {target} |")
+  text = "\n".join(lines) + "\n"
+  print(text)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(text)
+  return text
+
+
+if __name__ == "__main__":
+  main()
