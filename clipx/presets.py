@@ -7,6 +7,8 @@ it behaves, jits, shards and checkpoints as the pieces it is built from.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -22,6 +24,7 @@ def adagc(
   warmup_max_norm: float = 1.0,
   group: str | transforms.GroupFn = "leaf",
   stacked: int | stacking.StackedFn | None = None,
+  axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """AdaGC: each tensor clipped to ``ratio`` times an EMA of its own clipped norm.
 
@@ -91,6 +94,9 @@ def adagc(
     stacked: for scanned models, how many leading axes of a leaf index
       layers, so each layer of a stack keeps its own EMA, as its unstacked
       twin would (see :func:`clipx.clip_by_layer_norm`).
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis the leaves are
+      split over: the global (warm-up) and per-tensor norms are then over all
+      shards.
 
   Returns:
     An ``optax.GradientTransformation``: a chain whose state is
@@ -130,6 +136,6 @@ def adagc(
 
   policy = thresholds.ema_ratio(ratio, decay, warmup_steps=warmup_steps, warmup="min")
   return optax.chain(
-    transforms.clip_by_global_norm(warmup_bound),
-    transforms.clip_by_layer_norm(policy, group=group, stacked=stacked),
+    transforms.clip_by_global_norm(warmup_bound, axis_name=axis_name),
+    transforms.clip_by_layer_norm(policy, group=group, stacked=stacked, axis_name=axis_name),
   )

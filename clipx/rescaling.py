@@ -214,7 +214,10 @@ def _group_slice(vector: jax.Array, base: int, shape: tuple[int, ...], ndim: int
 
 
 def rescale_outliers(
-  threshold: Threshold, *, stacked: int | stacking.StackedFn | None = None
+  threshold: Threshold,
+  *,
+  stacked: int | stacking.StackedFn | None = None,
+  axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Rescales each leaf's outlying entries so the largest lands on the bound (AdaClip).
 
@@ -234,6 +237,9 @@ def rescale_outliers(
     stacked: for scanned models, how many leading axes of a leaf index layers
       (an int, or a function ``(path, leaf) -> int``); each layer is then its
       own group, as its unstacked twin would be. ``None`` or 0: none.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis the leaves are
+      split over: each group's largest magnitude is then the maximum over all
+      shards (one ``pmax`` of the vector of groups).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -288,6 +294,8 @@ def rescale_outliers(
       for x, shape in zip(leaves, groups.layer_shapes)
     ]
     peak = jnp.concatenate(peaks) if peaks else jnp.zeros((0,), dtype)
+    if axis_name is not None:
+      peak = jax.lax.pmax(peak, axis_name)
     bound, threshold_state = policy.update(peak, state.threshold_state)
     bound = bound.astype(dtype)
     invalid = ~(bound >= 0)  # NaN or negative
@@ -320,7 +328,9 @@ def rescale_outliers(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _layer_norms(leaves, groups: stacking.LayerGroups) -> tuple[jax.Array, jax.Array]:
+def _layer_norms(
+  leaves, groups: stacking.LayerGroups, axis_name: Any = None
+) -> tuple[jax.Array, jax.Array]:
   """Each group's L2 norm as ``(divisor, root)`` (overflow-safe, as clip_by_layer_norm)."""
   count = groups.num_groups
   if any(groups.layer_shapes):
@@ -328,8 +338,10 @@ def _layer_norms(leaves, groups: stacking.LayerGroups) -> tuple[jax.Array, jax.A
       base + np.arange(math.prod(shape), dtype=np.int32)
       for base, shape in zip(groups.bases, groups.layer_shapes)
     ]
-    return norms.layer_norms_split(leaves, [len(s) for s in groups.layer_shapes], rows, count)
-  return norms.group_norms_split(leaves, np.asarray(groups.bases, np.int32), count)
+    layer_axes = [len(s) for s in groups.layer_shapes]
+    return norms.layer_norms_split(leaves, layer_axes, rows, count, axis_name=axis_name)
+  ids = np.asarray(groups.bases, np.int32)
+  return norms.group_norms_split(leaves, ids, count, axis_name=axis_name)
 
 
 def normalize_by_layer_norm(
@@ -338,6 +350,7 @@ def normalize_by_layer_norm(
   eps: chex.Numeric = 1e-8,
   *,
   stacked: int | stacking.StackedFn | None = None,
+  axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Sets each leaf's L2 norm to ``E[n] / sqrt(E[n^2])`` of its norm history (AdaGN).
 
@@ -360,6 +373,8 @@ def normalize_by_layer_norm(
     stacked: for scanned models, how many leading axes of a leaf index layers
       (an int, or a function ``(path, leaf) -> int``); each layer is then its
       own group. ``None`` or 0: none.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis the leaves are
+      split over: group norms are then global over it (one ``psum``).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is
@@ -415,7 +430,7 @@ def normalize_by_layer_norm(
     _check_groups(owner, groups, state.count.shape[0])
     dtype = state.mean.dtype
     if leaves:
-      divisor, root = _layer_norms(leaves, groups)
+      divisor, root = _layer_norms(leaves, groups, axis_name)
       divisor, root = divisor.astype(dtype), root.astype(dtype)
     else:
       divisor, root = jnp.ones((0,), dtype), jnp.zeros((0,), dtype)
@@ -462,6 +477,7 @@ def stable_spam_clip(
   eps: chex.Numeric = 1e-8,
   *,
   stacked: int | stacking.StackedFn | None = None,
+  axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Stable-SPAM's gradient treatment: AdaClip, then AdaGN, per leaf.
 
@@ -480,6 +496,8 @@ def stable_spam_clip(
     eps: AdaGN's ``eps``, >= 0.
     stacked: for scanned models, leading layer axes per leaf (an int or
       ``(path, leaf) -> int``); each layer is its own group in both steps.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis the leaves are
+      split over (peaks and norms are then taken over all shards).
 
   Returns:
     An ``optax.GradientTransformation`` (an ``optax.chain``); ``clipx.stats``
@@ -512,6 +530,6 @@ def stable_spam_clip(
     validation.number(owner, name, value, low=0.0, high=1.0, high_open=True)
   validation.nonnegative(owner, "eps", eps, finite=True)
   return optax.chain(
-    rescale_outliers(ema_peak(theta), stacked=stacked),
-    normalize_by_layer_norm(gamma1, gamma2, eps, stacked=stacked),
+    rescale_outliers(ema_peak(theta), stacked=stacked, axis_name=axis_name),
+    normalize_by_layer_norm(gamma1, gamma2, eps, stacked=stacked, axis_name=axis_name),
   )

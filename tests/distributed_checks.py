@@ -153,6 +153,15 @@ def state_shardings(tx, params, param_shardings, mesh):
   )
 
 
+def without_device(state):
+  """``state`` with every ``NonfiniteStats.nonfinite_device`` set to 0."""
+  return jax.tree.map(
+    lambda n: n._replace(nonfinite_device=0) if isinstance(n, clipx.NonfiniteStats) else n,
+    state,
+    is_leaf=lambda n: isinstance(n, clipx.NonfiniteStats),
+  )
+
+
 def max_rel_err(actual, expected) -> float:
   """Largest ``|a - e| / (|e| + max|e|)`` over the leaves of two trees.
 
@@ -397,7 +406,10 @@ def check_shard_map(mesh) -> dict[str, Any]:
     for name, result in results.items():
       row = jax.tree.map(lambda x: np.asarray(x)[0], stacked[name])
       result["update_err"] = max(result["update_err"], max_rel_err(updates[name], out[name][0]))
-      result["state_err"] = max(result["state_err"], max_rel_err(row, states[name]))
+      # The device that held a NaN exists only under shard_map: not compared.
+      result["state_err"] = max(
+        result["state_err"], max_rel_err(without_device(row), without_device(states[name]))
+      )
       result["state_identical_on_shards"] &= rows_identical(stacked[name])
   for name, result in results.items():
     result["events"] = events(states[name])

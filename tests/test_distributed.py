@@ -172,7 +172,9 @@ def test_zero_data_parallel_step_equals_one_device_and_clipping_adds_scalars(res
   assert run["events"] >= 1
   added, removed = added_by_clipping(run["with_clip"], run["without_clip"])
   assert not removed, removed
-  assert added and all(op == "all-reduce" and max(sizes) == 1 for op, sizes in added), added
+  # With axis_name the global norm's all-reduce carries one sum of squares per
+  # leaf (4 here; spike forensics needs each leaf's share), never gradients.
+  assert added and all(op == "all-reduce" and max(sizes) <= 4 for op, sizes in added), added
 
 
 def test_tensor_parallel_2d_mesh_equals_one_device_and_clipping_adds_scalars(results):
