@@ -144,6 +144,18 @@ def stability_spikes(seed: int, dataset: tuple[np.ndarray, ...]) -> Rows:
   return _accuracy_and_clip_rate(stability.spikes(args, dataset))
 
 
+@experiment("spike-methods", "python examples/spike_methods.py --seed {seed}", row_header="method")
+def spike_methods(seed: int, dataset: tuple[np.ndarray, ...]) -> Rows:
+  """Adam lr 0.01 (late decay), batch 8, 10 epochs, every 50th batch's inputs x100."""
+  from examples import spike_methods
+
+  args = spike_methods.parse_args(["--seed", str(seed), "--quiet"])
+  return {
+    method: {"test_accuracy": r["test_accuracy"], "clip_rate": r["clip_rate"]}
+    for method, r in spike_methods.run(args, dataset).items()
+  }
+
+
 @experiment(
   "threshold-sweep",
   "python examples/threshold_sweep.py --mode loop --seed {seed}",
