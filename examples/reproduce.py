@@ -157,6 +157,22 @@ def spike_methods(seed: int, dataset: tuple[np.ndarray, ...]) -> Rows:
 
 
 @experiment(
+  "spike-methods-rnn",
+  "python examples/spike_methods.py --task rnn --seed {seed}",
+  row_header="method",
+)
+def spike_methods_rnn(seed: int, dataset: tuple[np.ndarray, ...]) -> Rows:
+  """tanh RNN, adding problem of length 50, Adam lr 0.003 (constant), 10000 steps, no injection."""
+  from examples import spike_methods
+
+  args = spike_methods.parse_args(["--task", "rnn", "--seed", str(seed), "--quiet"])
+  keys = ("test_loss", "solved", "diverged", "clip_rate")
+  return {
+    method: {key: float(r[key]) for key in keys} for method, r in spike_methods.run(args).items()
+  }
+
+
+@experiment(
   "threshold-sweep",
   "python examples/threshold_sweep.py --mode loop --seed {seed}",
   row_header="threshold",

@@ -21,6 +21,12 @@ chain clipped something: for ``adagc`` its warm-up global clip or a tensor's
 bound, for ``stable_spam_clip`` AdaClip only. AdaGN (``clip/normalize``) is
 not counted: it rescales every tensor on every step whose gradient is not
 zero, by design. Every method sees the same initial parameters and batches.
+
+``--task rnn``: the same methods on ``train_rnn.py``'s tanh RNN and adding
+problem (length 50, 10000 steps of 32 sequences), with no injected spikes (the
+RNN's own exploding gradients are the spikes) and Adam at a constant lr 0.003:
+there the unclipped RNN fails (seed 0: test MSE 0.19, the trivial predictor's
+0.16; at lr 0.001 it solves the task).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import cnn, data, train_cnn  # noqa: E402
+from examples import cnn, data, rnn, train_cnn, train_rnn  # noqa: E402
 from examples.placement import Placement  # noqa: E402
 
 # Method -> (where it goes: "gradient" before adam, "update" after scale_by_adam, or None; its
@@ -76,12 +82,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument(
     "--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}"
   )
-  parser.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate (peak)")
-  parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--task", choices=("cnn", "rnn"), default="cnn")
   parser.add_argument(
-    "--inject-spikes", type=int, default=50, metavar="N", help="inputs x100 every N-th batch"
+    "--lr", type=float, default=None, help="Adam's learning rate (peak); cnn 0.01, rnn 0.003"
   )
+  parser.add_argument("--epochs", type=int, default=10, help="cnn: epochs")
+  parser.add_argument("--batch-size", type=int, default=8, help="cnn: batch size")
+  parser.add_argument(
+    "--inject-spikes", type=int, default=50, metavar="N", help="cnn: inputs x100 every N-th batch"
+  )
+  parser.add_argument("--steps", type=int, default=10000, help="rnn: training steps")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)
@@ -89,7 +99,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   unknown = [m for m in args.methods if m not in METHODS]
   if unknown:
     parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+  if args.lr is None:
+    args.lr = {"cnn": 1e-2, "rnn": 3e-3}[args.task]
   return args
+
+
+def with_clip_flag(step_fn: Callable) -> Callable:
+  """A jitted ``step_fn`` returning ``(params, opt_state, loss, clipped)``.
+
+  ``clipped``: whether a clipping stage of the chain clipped anything this step.
+  """
+
+  @jax.jit
+  def train_step(params, opt_state, *batch):
+    params, opt_state, metrics, report = step_fn(params, opt_state, *batch)
+    flags = [
+      jnp.any(s.clipped)
+      for name, s in report.items()
+      if isinstance(s, clipx.ClipStats) and name != "normalize"  # AdaGN: every step
+    ]
+    clipped = jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
+    return params, opt_state, metrics["loss"], clipped
+
+  return train_step
 
 
 def train(args: argparse.Namespace, method: str, dataset) -> dict[str, Any]:
@@ -101,18 +133,7 @@ def train(args: argparse.Namespace, method: str, dataset) -> dict[str, Any]:
   apply_fn, params = cnn.init(num_classes, x_train.shape[1:], seed=args.seed)
   tx = make_optimizer(method, train_cnn.late_decay(args.lr, total_steps))
   opt_state = tx.init(params)
-  step_fn = train_cnn.make_train_step(apply_fn, tx)
-
-  @jax.jit
-  def train_step(params, opt_state, images, labels):
-    params, opt_state, metrics, report = step_fn(params, opt_state, images, labels)
-    flags = [
-      jnp.any(s.clipped)
-      for name, s in report.items()
-      if isinstance(s, clipx.ClipStats) and name != "normalize"  # AdaGN: every step
-    ]
-    clipped = jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
-    return params, opt_state, metrics["loss"], clipped
+  train_step = with_clip_flag(train_cnn.make_train_step(apply_fn, tx))
 
   rng = np.random.default_rng(args.seed)  # the batches of train_cnn.py with this seed
   losses, clipped, step = [], [], 0
@@ -138,16 +159,51 @@ def train(args: argparse.Namespace, method: str, dataset) -> dict[str, Any]:
   }
 
 
-def run(args: argparse.Namespace, dataset) -> dict[str, dict[str, Any]]:
-  """``{method: train(...)}`` for every method of ``--methods``."""
+def train_adding(args: argparse.Namespace, method: str) -> dict[str, Any]:
+  """One RNN run: ``{test_loss, baseline_loss, solved, clip_rate, diverged, steps}``."""
+  defaults = train_rnn.parse_args(["--seed", str(args.seed)])
+  rng = np.random.default_rng(args.seed)  # the batches of train_rnn.py with this seed
+  test_inputs, test_targets = rnn.adding_problem(
+    np.random.default_rng(train_rnn.TEST_SEED), train_rnn.TEST_SIZE, defaults.seq_len
+  )
+  baseline_loss = float(np.mean((test_targets - 1.0) ** 2))  # always predict 1
+  apply_fn, params = rnn.init(defaults.cell, defaults.hidden_size, seed=args.seed)
+  tx = make_optimizer(method, args.lr)
+  opt_state = tx.init(params)
+  train_step = with_clip_flag(train_rnn.make_train_step(apply_fn, tx))
+  losses, clipped = [], []
+  for _ in range(args.steps):
+    inputs, targets = rnn.adding_problem(rng, defaults.batch_size, defaults.seq_len)
+    params, opt_state, loss, was_clipped = train_step(params, opt_state, inputs, targets)
+    losses.append(loss)
+    clipped.append(was_clipped)
+  losses, clipped = jax.device_get((losses, clipped))
+  eval_step = jax.jit(train_rnn.make_eval_step(apply_fn))
+  test_loss = float(eval_step(params, test_inputs, test_targets)[0])
+  return {
+    "test_loss": test_loss,
+    "baseline_loss": baseline_loss,
+    "solved": bool(test_loss < train_rnn.SOLVED_FRACTION * baseline_loss),  # NaN: False
+    "clip_rate": float(np.mean(clipped)),
+    "diverged": not (all(math.isfinite(v) for v in losses) and math.isfinite(test_loss)),
+    "steps": args.steps,
+  }
+
+
+def run(args: argparse.Namespace, dataset=None) -> dict[str, dict[str, Any]]:
+  """``{method: train(...)}`` (or ``train_adding``) for every method of ``--methods``."""
   results = {}
   for method in args.methods:
     start = time.perf_counter()
-    results[method] = train(args, method, dataset)
+    if args.task == "cnn":
+      results[method] = r = train(args, method, dataset)
+      line = f"test accuracy {r['test_accuracy']:.4f}"
+    else:
+      results[method] = r = train_adding(args, method)
+      line = f"test MSE {r['test_loss']:.4g}" + (" (solved)" if r["solved"] else "")
     if not args.quiet:
-      r = results[method]
       print(
-        f"{method:>24}: test accuracy {r['test_accuracy']:.4f}, clip rate {r['clip_rate']:.2f}"
+        f"{method:>24}: {line}, clip rate {r['clip_rate']:.2f}"
         + (" (diverged)" if r["diverged"] else "")
         + f", {time.perf_counter() - start:.0f} s",
         flush=True,
@@ -157,6 +213,10 @@ def run(args: argparse.Namespace, dataset) -> dict[str, dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
   args = parse_args(argv)
+  if args.task == "rnn":
+    if not args.quiet:
+      print(f"tanh RNN, adding problem, adam lr {args.lr:g}, {args.steps} steps", flush=True)
+    return run(args)
   if not args.quiet:
     print(
       f"digits CNN, adam lr {args.lr:g} (late decay), batch {args.batch_size}, {args.epochs}"
