@@ -35,7 +35,7 @@ import optax
 from clipx import norms, scaling, stacking, validation
 from clipx.stats import ClipStats, init_clip_stats
 from clipx.thresholds import ThresholdPolicy, as_policy, concrete_float, policy_factory
-from clipx.transforms import Threshold, _norm_dtype, _strip_variable_suffix
+from clipx.transforms import Threshold, _norm_dtype, _stats, _strip_variable_suffix
 
 
 class OutlierRescaleState(NamedTuple):
@@ -182,17 +182,6 @@ def ema_peak(decay: chex.Numeric = 0.999) -> ThresholdPolicy:
     return jnp.broadcast_to(bound, jnp.shape(norm)).astype(dtype), EmaPeakState(count, ema)
 
   return ThresholdPolicy(init, update)
-
-
-def _stats(norm, clipped_norm, threshold, scale, clipped, previous: ClipStats) -> ClipStats:
-  return ClipStats(
-    norm=norm,
-    clipped_norm=clipped_norm,
-    threshold=threshold,
-    scale=scale,
-    clipped=clipped,
-    clip_count=previous.clip_count + clipped.astype(jnp.int32),
-  )
 
 
 def _leaf_groups(owner: str, tree: Any, stacked_fn: stacking.StackedFn) -> stacking.LayerGroups:

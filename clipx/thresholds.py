@@ -173,6 +173,29 @@ def _check_common(owner: str, warmup_steps: Any, initial: Any, max_threshold: An
   validation.positive(owner, "max_threshold", max_threshold)
 
 
+def _ring_buffer(owner: str, history: Any, norm: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(norms, count)`` of an empty window of ``history`` norms shaped like ``norm``."""
+  size = concrete_float(history)
+  if size is None:  # traced: only inside jit
+    raise TypeError(
+      f"clipx.{owner}: history sets the shape of the state and must be a Python int;"
+      " inside optax.inject_hyperparams pass static_args=('history',)."
+    )
+  shape = jnp.shape(norm)
+  return jnp.zeros((int(size),) + shape, _stat_dtype(norm)), jnp.zeros(shape, jnp.int32)
+
+
+def _ring_record(
+  norms: jax.Array, count: jax.Array, norm: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """The window with ``norm`` written over its oldest slot, where recordable."""
+  size = norms.shape[0]
+  record = _recordable(norm)
+  slot = jnp.arange(size).reshape((size,) + (1,) * count.ndim)
+  write = (slot == count % size) & record
+  return jnp.where(write, jnp.asarray(norm, norms.dtype), norms), _increment(count, record)
+
+
 class AutoClipState(NamedTuple):
   """State of :func:`autoclip`.
 
@@ -268,30 +291,15 @@ def autoclip(
   _check_common("autoclip", warmup_steps, initial, max_threshold)
 
   def init(norm):
-    dtype = _stat_dtype(norm)
-    size = concrete_float(history)
-    if size is None:  # traced: only inside jit
-      raise TypeError(
-        "clipx.autoclip: history sets the shape of the state and must be a Python int;"
-        " inside optax.inject_hyperparams pass static_args=('history',)."
-      )
-    return AutoClipState(
-      norms=jnp.zeros((int(size),) + jnp.shape(norm), dtype),
-      count=jnp.zeros(jnp.shape(norm), jnp.int32),
-    )
+    return AutoClipState(*_ring_buffer("autoclip", history, norm))
 
   def update(norm, state):
     # The window length comes from the state, not the argument, so a traced
     # ``history`` (inject_hyperparams without static_args) still works.
-    size = state.norms.shape[0]
     past = _window_percentile(state.norms, state.count, percentile)
     threshold = jnp.where(state.count >= warmup_steps, past, jnp.asarray(initial, past.dtype))
     threshold = _capped(threshold, max_threshold)
-    record = _recordable(norm)
-    slot = jnp.arange(size).reshape((size,) + (1,) * state.count.ndim)
-    write = (slot == state.count % size) & record
-    norms = jnp.where(write, jnp.asarray(norm, state.norms.dtype), state.norms)
-    return _threshold(threshold, norm), AutoClipState(norms, _increment(state.count, record))
+    return _threshold(threshold, norm), AutoClipState(*_ring_record(state.norms, state.count, norm))
 
   return ThresholdPolicy(init, update)
 
@@ -745,17 +753,7 @@ def window_zscore(
   validation.positive(owner, "max_threshold", max_threshold)
 
   def init(norm):
-    dtype = _stat_dtype(norm)
-    size = concrete_float(history)
-    if size is None:  # traced: only inside jit
-      raise TypeError(
-        "clipx.window_zscore: history sets the shape of the state and must be a Python int;"
-        " inside optax.inject_hyperparams pass static_args=('history',)."
-      )
-    return WindowZScoreState(
-      norms=jnp.zeros((int(size),) + jnp.shape(norm), dtype),
-      count=jnp.zeros(jnp.shape(norm), jnp.int32),
-    )
+    return WindowZScoreState(*_ring_buffer("window_zscore", history, norm))
 
   def update(norm, state):
     # The window length comes from the state, not the argument, so a traced
@@ -775,9 +773,7 @@ def window_zscore(
     bound = jnp.where(jnp.isinf(k), jnp.inf, mean + k * spread)
     threshold = jnp.where(state.count >= warmup, bound, jnp.asarray(initial, dtype))
     threshold = _capped(threshold, max_threshold)
-    record = _recordable(norm)
-    write = (slot == state.count % size) & record
-    norms = jnp.where(write, jnp.asarray(norm, dtype), state.norms)
-    return _threshold(threshold, norm), WindowZScoreState(norms, _increment(state.count, record))
+    window = _ring_record(state.norms, state.count, norm)
+    return _threshold(threshold, norm), WindowZScoreState(*window)
 
   return ThresholdPolicy(init, update)
