@@ -415,7 +415,9 @@ def global_norm_attributed(
     # Each small leaf's sum: one segment sum over the small vector, in leaf order.
     small_ids = np.unique(owners)
     local = np.searchsorted(small_ids, owners).astype(np.int32)
-    small_sums = jax.ops.segment_sum(jnp.square(merged[-1]), local, small_ids.size)
+    # One shape group stays (k, ...) unflattened (see _merge_small_leaves): flatten here.
+    flat = jnp.reshape(merged[-1], (-1,))
+    small_sums = jax.ops.segment_sum(jnp.square(flat), local, small_ids.size)
     values = jnp.concatenate([sums[: len(large)], small_sums])
     per_leaf = values[np.argsort(np.concatenate([np.asarray(large, np.int64), small_ids]))]
     total = jnp.sum(sums)

@@ -129,3 +129,20 @@ def test_nonfinite_device_under_shard_map():
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize(
+  "tree",
+  [
+    {"a": jnp.ones((3, 4)), "b": jnp.full((2, 4), 3.0)},  # one shape group: not flattened
+    {"a": jnp.ones((3, 4)), "b": jnp.full((2,), 3.0), "c": jnp.asarray(2.0)},
+    {"a": jnp.ones(5), "big": jnp.full((20000,), 0.01), "c": jnp.full((2, 2), 0.5)},
+  ],
+)
+def test_global_forensics_on_every_layout_of_small_leaves(tree):
+  _, stats = jax.jit(clipx.clip_tree)(tree, 1.0)
+  paths, index, share = _expected(tree)
+  sq = sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))
+  np.testing.assert_allclose(float(stats.norm), np.sqrt(sq), rtol=1e-6)
+  assert int(stats.source) == index
+  np.testing.assert_allclose(float(stats.share), share, rtol=1e-5)
