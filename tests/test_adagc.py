@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from references.adagc import adagc_megatron
 
 import clipx
 from clipx.presets import adagc
-from tests.references.adagc import adagc_megatron
 
 # Four tensors of different scales. Keys sort in this order, so jax's leaf order
 # (and clip_by_layer_norm's group order) is the order of the reference's list.

@@ -72,7 +72,7 @@ def _run_clipx(tx, stream):
 @pytest.fixture(scope="module")
 def parity_runs():
   torch = pytest.importorskip("torch", reason="the parity reference is a torch port; not in CI")
-  from tests.references.stable_spam import stable_spam_clip as reference_clip
+  from references.stable_spam import stable_spam_clip as reference_clip
 
   torch.set_num_threads(1)
   stream = _stream()
