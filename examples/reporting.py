@@ -165,8 +165,8 @@ def summary_line(results: dict[str, Any], out: str | None) -> str:
   )
 
 
-def write_outputs(out: Path, results: dict[str, Any], rows: list[dict[str, float]]) -> None:
-  """``metrics.json``, ``metrics.csv`` (one row per step) and ``training.png`` in ``out``."""
+def write_metrics(out: Path, results: dict[str, Any], rows: list[dict[str, float]]) -> None:
+  """``metrics.json`` and ``metrics.csv`` (one row per step) in ``out``; shared by the examples."""
   out.mkdir(parents=True, exist_ok=True)
   # allow_nan=False: a diverged run writes null, never the non-JSON NaN.
   with open(out / "metrics.json", "w") as f:
@@ -176,6 +176,11 @@ def write_outputs(out: Path, results: dict[str, Any], rows: list[dict[str, float
       writer = csv.DictWriter(f, fieldnames=list(rows[0]))
       writer.writeheader()
       writer.writerows(rows)
+
+
+def write_outputs(out: Path, results: dict[str, Any], rows: list[dict[str, float]]) -> None:
+  """``metrics.json``, ``metrics.csv`` (one row per step) and ``training.png`` in ``out``."""
+  write_metrics(out, results, rows)
   plot_training(results, out / "training.png")
 
 

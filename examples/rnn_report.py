@@ -8,8 +8,6 @@ side by side (``examples/rnn_cliff.py`` makes ``docs/img/rnn_cliff.png``).
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,20 +18,12 @@ if not __package__:  # run as a script: make the examples package importable
   import sys
 
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.train_cnn import json_safe  # noqa: E402
+from examples.reporting import write_metrics  # noqa: E402
 
 
 def write_outputs(out: Path, results: dict[str, Any], rows: list[dict[str, float]]) -> None:
   """``metrics.json``, ``metrics.csv`` (one row per step) and ``training.png`` in ``out``."""
-  out.mkdir(parents=True, exist_ok=True)
-  # allow_nan=False: a diverged run writes null, never the non-JSON NaN.
-  with open(out / "metrics.json", "w") as f:
-    json.dump(json_safe(results), f, indent=1, allow_nan=False)
-  if rows:
-    with open(out / "metrics.csv", "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-      writer.writeheader()
-      writer.writerows(rows)
+  write_metrics(out, results, rows)
   plot_training(results, out / "training.png")
 
 
