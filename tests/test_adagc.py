@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from orbax_roundtrip import save_and_restore
 from references.adagc import adagc_megatron
 
 import clipx
@@ -266,11 +267,7 @@ def test_orbax_round_trip_gives_identical_next_update(tmp_path):
   for grads in stream[:6]:
     _, state = update(grads, state, params)
   assert int(state[0][1].stats.clip_count.sum()) > 0  # the EMA is in use
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "opt_state", state)
-    checkpointer.wait_until_finished()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = checkpointer.restore(tmp_path / "opt_state", abstract)
+  restored = save_and_restore(ocp, state, tmp_path)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   expected, expected_state = update(stream[6], state, params)
   got, got_state = update(stream[6], restored, params)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from orbax_roundtrip import save_and_restore
 
 import clipx
 
@@ -67,11 +68,7 @@ def test_orbax_round_trip_then_identical_next_update(tmp_path):
   assert logged["clip/skip_spikes/skip_count"] == 1.0
   assert logged["clip/global/clip_count"] > 0  # the adaptive history is in use
 
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "opt_state", state)
-    checkpointer.wait_until_finished()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = checkpointer.restore(tmp_path / "opt_state", abstract)
+  restored = save_and_restore(ocp, state, tmp_path)
 
   # The same NamedTuples (so clipx.stats finds them) holding the same bits.
   assert jax.tree.structure(restored) == jax.tree.structure(state)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from orbax_roundtrip import save_and_restore
 
 import clipx
 from clipx.rescaling import (
@@ -381,11 +382,7 @@ def test_orbax_round_trip_then_identical_next_update(tmp_path):
   state = jax.device_put(jax.jit(tx.init)(params), jax.devices()[0])
   for grads in stream[:5]:
     _, state = update(grads, state, params)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "opt_state", state)
-    checkpointer.wait_until_finished()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = checkpointer.restore(tmp_path / "opt_state", abstract)
+  restored = save_and_restore(ocp, state, tmp_path)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   np.testing.assert_equal(clipx.stats(restored).as_dict(), clipx.stats(state).as_dict())
   expected = update(stream[5], state, params)

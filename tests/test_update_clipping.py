@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from orbax_roundtrip import save_and_restore
 from references import adafactor_rms, levanter_clip_update_norm
 
 import clipx
@@ -451,11 +452,7 @@ def test_orbax_round_trip_gives_the_identical_next_update(tmp_path):
     _, state = update(g, state, params)
   assert int(state[1].threshold_state.count) == 6
 
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "opt_state", state)
-    checkpointer.wait_until_finished()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = checkpointer.restore(tmp_path / "opt_state", abstract)
+  restored = save_and_restore(ocp, state, tmp_path)
 
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   expected = update(grads[6], state, params)
