@@ -56,11 +56,11 @@ def _finite_leaves(tree: Any) -> jax.Array:
   )
 
 
-def _leaf_names(tree: Any) -> stacking.GroupNames:
-  """The leaves' paths, for the stats' ``nonfinite_leaf`` and ``source``."""
-  return stacking.GroupNames(
-    tuple(stacking.path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree))
-  )
+def _first_over(index: jax.Array, axis_name: Any) -> jax.Array:
+  """The smallest non-negative ``index`` over the devices of ``axis_name``; -1 if none is."""
+  big = jnp.iinfo(jnp.int32).max
+  first = jax.lax.pmin(jnp.where(index < 0, big, index), axis_name)
+  return jnp.where(first == big, -1, first)
 
 
 def _first_false(flags: jax.Array) -> jax.Array:
@@ -126,7 +126,7 @@ def skip_nonfinite(
       nonfinite_leaf=jnp.full([], -1, jnp.int32),
       nonfinite_device=jnp.full([], -1, jnp.int32),
     )
-    return SkipNonfiniteState(inner.init(params), stats, _leaf_names(params))
+    return SkipNonfiniteState(inner.init(params), stats, stacking.leaf_names(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     finite_leaves = _finite_leaves(updates)
@@ -136,16 +136,11 @@ def skip_nonfinite(
     bad_device = jnp.int32(-1)
     if axis_name is not None:
       # The first device (along axis_name) whose gradients held NaN/Inf.
-      big = jnp.iinfo(jnp.int32).max
-      here = jnp.where(jnp.all(finite_leaves), big, jax.lax.axis_index(axis_name))
-      bad_device = -jax.lax.pmax(-here.astype(jnp.int32), axis_name)
-      bad_device = jnp.where(bad_device == big, -1, bad_device)
+      here = jnp.where(jnp.all(finite_leaves), -1, jax.lax.axis_index(axis_name))
+      bad_device = _first_over(here.astype(jnp.int32), axis_name)
       finite = jax.lax.psum(jnp.logical_not(finite).astype(jnp.int32), axis_name) == 0
       # Every shard reports the same leaf: the first one bad on any shard.
-      bad_leaf = -jax.lax.pmax(
-        -jnp.where(bad_leaf < 0, jnp.iinfo(jnp.int32).max, bad_leaf), axis_name
-      )
-      bad_leaf = jnp.where(bad_leaf == jnp.iinfo(jnp.int32).max, -1, bad_leaf)
+      bad_leaf = _first_over(bad_leaf, axis_name)
     new_updates, inner_state = _select_step(finite, new_updates, new_inner, state.inner_state)
     skipped = jnp.logical_not(finite)
     stats = NonfiniteStats(
@@ -216,7 +211,7 @@ def skip_spikes(
     )
     zero = jnp.zeros([], jnp.float32)
     return SkipSpikesState(
-      inner.init(params), stats, zero, jnp.zeros([], jnp.int32), _leaf_names(params)
+      inner.init(params), stats, zero, jnp.zeros([], jnp.int32), stacking.leaf_names(params)
     )
 
   def update_fn(updates, state, params=None, **extra_args):

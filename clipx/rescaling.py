@@ -35,7 +35,7 @@ import optax
 from clipx import norms, scaling, stacking, validation
 from clipx.stats import ClipStats, init_clip_stats
 from clipx.thresholds import ThresholdPolicy, as_policy, concrete_float, policy_factory
-from clipx.transforms import Threshold, _norm_dtype, _stats, _strip_variable_suffix
+from clipx.transforms import Threshold, _norm_dtype, _stats
 
 
 class OutlierRescaleState(NamedTuple):
@@ -185,7 +185,7 @@ def ema_peak(decay: chex.Numeric = 0.999) -> ThresholdPolicy:
 
 
 def _leaf_groups(owner: str, tree: Any, stacked_fn: stacking.StackedFn) -> stacking.LayerGroups:
-  return stacking.layer_groups(owner, tree, lambda path: path, stacked_fn, _strip_variable_suffix)
+  return stacking.layer_groups(owner, tree, lambda path: path, stacked_fn)
 
 
 def _check_groups(owner: str, groups: stacking.LayerGroups, count: int) -> None:

@@ -53,6 +53,18 @@ def layer_axes(owner: str, stacked_fn: StackedFn, path: tuple, leaf: Any) -> int
   return int(count)
 
 
+def strip_variable_suffix(path: tuple) -> tuple:
+  """Drops the trailing ``.value`` of a Flax NNX Variable from a key path.
+
+  ``nnx.Optimizer`` initialises the state from Variables (paths end in
+  ``.value``) but updates with plain arrays; both must give the same groups.
+  """
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+    return path[:-1]
+  return path
+
+
 def path_name(path: tuple) -> str:
   """A key path as ``blocks/attn/kernel``: readable in loggers and TensorBoard."""
   parts = []
@@ -114,6 +126,16 @@ jax.tree_util.register_pytree_node(
 )
 
 
+def leaf_names(tree: Any) -> GroupNames:
+  """The paths of ``tree``'s leaves (``blocks/attn/kernel``), for the stats' ``source``."""
+  return GroupNames(
+    tuple(
+      path_name(strip_variable_suffix(path))
+      for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+    )
+  )
+
+
 class LayerGroups(NamedTuple):
   """The groups of a tree for a per-group scope, each layer of a stack its own group.
 
@@ -136,7 +158,6 @@ def layer_groups(
   tree: Any,
   key_fn: Callable[[tuple], Hashable],
   stacked_fn: StackedFn,
-  strip: Callable[[tuple], tuple],
 ) -> LayerGroups:
   """Groups of ``tree``: one per group key and layer, numbered key by key.
 
@@ -146,7 +167,7 @@ def layer_groups(
   names: list[str] = []
   bases, shapes = [], []
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    path = strip(path)
+    path = strip_variable_suffix(path)
     key = key_fn(path)
     shape = tuple(np.shape(leaf)[: layer_axes(owner, stacked_fn, path, leaf)])
     if key not in first:

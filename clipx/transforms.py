@@ -108,16 +108,6 @@ def _stats(
   )
 
 
-def leaf_names(tree: chex.ArrayTree) -> stacking.GroupNames:
-  """The paths of ``tree``'s leaves (``blocks/attn/kernel``), for the stats' ``source``."""
-  return stacking.GroupNames(
-    tuple(
-      stacking.path_name(_strip_variable_suffix(path))
-      for path, _ in jax.tree_util.tree_leaves_with_path(tree)
-    )
-  )
-
-
 def _largest_share(divisor: jax.Array, root: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(index, fraction)`` of the largest of norms ``divisor * root`` in their squared sum."""
   if divisor.shape[0] == 0:
@@ -241,7 +231,7 @@ def clip_by_global_norm(
     return GlobalNormClipState(
       init_clip_stats((), dtype, forensics=True),
       policy.init(jnp.zeros((), dtype)),
-      leaf_names(params),
+      stacking.leaf_names(params),
     )
 
   def update_fn(updates, state, params=None):
@@ -269,18 +259,6 @@ def _group_key_fn(group: str | GroupFn) -> GroupFn:
   return lambda path: path[:-1]
 
 
-def _strip_variable_suffix(path: tuple) -> tuple:
-  """Drops the trailing ``.value`` of a Flax NNX Variable from a key path.
-
-  ``nnx.Optimizer`` initialises the state from Variables (paths end in
-  ``.value``) but updates with plain arrays; both must give the same groups.
-  """
-  last = path[-1] if path else None
-  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
-    return path[:-1]
-  return path
-
-
 def layer_groups(
   tree: chex.ArrayTree, group: str | GroupFn = "leaf"
 ) -> tuple[np.ndarray, list[str]]:
@@ -293,7 +271,7 @@ def layer_groups(
   names: list[str] = []
   leaf_ids = []
   for path, _ in jax.tree_util.tree_leaves_with_path(tree):
-    key = key_fn(_strip_variable_suffix(path))
+    key = key_fn(stacking.strip_variable_suffix(path))
     if key not in ids:
       ids[key] = len(ids)
       names.append(jax.tree_util.keystr(key) if isinstance(key, tuple) else str(key))
@@ -342,7 +320,7 @@ def clip_by_layer_norm(
   key_fn = _group_key_fn(group)
 
   def groups_of(tree) -> stacking.LayerGroups:
-    return stacking.layer_groups(owner, tree, key_fn, stacked_fn, _strip_variable_suffix)
+    return stacking.layer_groups(owner, tree, key_fn, stacked_fn)
 
   def init_fn(params):
     groups = groups_of(params)
@@ -439,7 +417,7 @@ def check_same_structure(updates: chex.ArrayTree, params: chex.ArrayTree, what: 
   u = jax.tree_util.tree_leaves_with_path(updates)
   p = jax.tree_util.tree_leaves_with_path(params)
   for (u_path, u_leaf), (p_path, p_leaf) in zip(u, p):
-    if _strip_variable_suffix(u_path) != _strip_variable_suffix(p_path):
+    if stacking.strip_variable_suffix(u_path) != stacking.strip_variable_suffix(p_path):
       raise ValueError(
         f"clipx.{what}: params do not match updates: updates have"
         f" {jax.tree_util.keystr(u_path)} where params have {jax.tree_util.keystr(p_path)}."
@@ -508,7 +486,7 @@ def adaptive_grad_clip(
     return AdaptiveGradClipState(
       init_clip_stats((), dtype, forensics=True),
       policy.init(jnp.zeros((), dtype)),
-      leaf_names(params),
+      stacking.leaf_names(params),
     )
 
   def update_fn(updates, state, params=None):
@@ -528,7 +506,7 @@ def adaptive_grad_clip(
     # after the reductions works on one vector of all units: a few kernels for
     # the whole tree instead of several per leaf (XLA CPU pays per kernel).
     leaf_axes = [
-      _stacked_unit_axes(stacked_fn, _strip_variable_suffix(path), leaf, axis)
+      _stacked_unit_axes(stacked_fn, stacking.strip_variable_suffix(path), leaf, axis)
       for path, leaf in jax.tree_util.tree_leaves_with_path(updates)
     ]
     buckets = norms._buckets(leaves, leaf_axes)
@@ -639,7 +617,7 @@ def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.Gradien
     return ValueClipState(
       init_clip_stats((), dtype, forensics=True),
       policy.init(jnp.zeros((), dtype)),
-      leaf_names(params),
+      stacking.leaf_names(params),
     )
 
   def update_fn(updates, state, params=None):

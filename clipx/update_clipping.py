@@ -49,7 +49,6 @@ def group_sizes(
     tree,
     transforms._group_key_fn(group),
     stacking.as_stacked_fn(owner, stacked),
-    transforms._strip_variable_suffix,
   )
   sizes = np.zeros(groups.num_groups, np.int64)
   leaves = jax.tree_util.tree_leaves(tree)
