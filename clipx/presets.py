@@ -141,7 +141,6 @@ def adagc(
     return jnp.where(count < warmup_steps, bound, jnp.asarray(jnp.inf, jnp.float32))
 
   policy = thresholds.ema_ratio(ratio, decay, warmup_steps=warmup_steps, warmup="min")
-  return optax.chain(
-    transforms.clip_by_global_norm(warmup_bound, axis_name=axis_name),
-    transforms.clip_by_layer_norm(policy, group=group, stacked=stacked, axis_name=axis_name),
+  return transforms.clip_by_global_then_layer_norm(
+    warmup_bound, policy, group=group, stacked=stacked, axis_name=axis_name
   )

@@ -335,37 +335,144 @@ def clip_by_layer_norm(
   def update_fn(updates, state, params=None):
     del params
     leaves = norms.check_float_leaves(updates)
-    groups = groups_of(updates)
-    count = state.stats.norm.shape[0]
-    if groups.num_groups != count:
-      raise ValueError(
-        f"clipx.clip_by_layer_norm: updates have {groups.num_groups} groups but the"
-        f" state was initialised with {count}; init with params shaped like the updates."
-      )
-    if any(groups.layer_shapes):
-      rows = [
-        base + np.arange(math.prod(shape), dtype=np.int32)
-        for base, shape in zip(groups.bases, groups.layer_shapes)
-      ]
-      layer_axes = [len(shape) for shape in groups.layer_shapes]
-      divisor, root = norms.layer_norms_split(leaves, layer_axes, rows, count, axis_name=axis_name)
-    else:
-      ids = np.asarray(groups.bases, np.int32)
-      divisor, root = norms.group_norms_split(leaves, ids, count, axis_name=axis_name)
+    groups = _checked_groups(owner, groups_of(updates), state.stats.norm.shape[0])
+    divisor, root = _group_norms(leaves, groups, axis_name)
     threshold, threshold_state = policy.update(divisor * root, state.threshold_state)
     threshold = threshold.astype(root.dtype)
     decision = scaling.decide(divisor, root, threshold)
-    treedef = jax.tree_util.tree_structure(updates)
-    # A stack's scales have its layer shape, then ones: they broadcast over each layer.
-    spans = [
-      (base, shape + (1,) * (x.ndim - len(shape)) if shape else ())
-      for base, shape, x in zip(groups.bases, groups.layer_shapes, leaves)
-    ]
-    leaf_scales = scaling.gated_slices(jnp.any(decision.clipped), decision, spans)
-    out = [scaling.scale_leaf(x, hi, lo) for x, (hi, lo) in zip(leaves, leaf_scales)]
+    out = _scale_groups(leaves, groups, jnp.any(decision.clipped), decision.hi, decision.lo)
     stats = _decision_stats(decision, threshold, state.stats, *_largest_share(divisor, root))
     new_state = LayerNormClipState(stats, threshold_state, state.names)
-    return jax.tree_util.tree_unflatten(treedef, out), new_state
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _checked_groups(owner: str, groups: stacking.LayerGroups, count: int) -> stacking.LayerGroups:
+  """``groups``, after checking that the state was initialised with as many groups."""
+  if groups.num_groups != count:
+    raise ValueError(
+      f"clipx.{owner}: updates have {groups.num_groups} groups but the"
+      f" state was initialised with {count}; init with params shaped like the updates."
+    )
+  return groups
+
+
+def _group_norms(
+  leaves: list[jax.Array], groups: stacking.LayerGroups, axis_name: Any
+) -> tuple[jax.Array, jax.Array]:
+  """Every group's norm as ``(divisor, root)`` vectors; a stack's layers are groups of their own."""
+  if any(groups.layer_shapes):
+    rows = [
+      base + np.arange(math.prod(shape), dtype=np.int32)
+      for base, shape in zip(groups.bases, groups.layer_shapes)
+    ]
+    layer_axes = [len(shape) for shape in groups.layer_shapes]
+    return norms.layer_norms_split(leaves, layer_axes, rows, groups.num_groups, axis_name=axis_name)
+  ids = np.asarray(groups.bases, np.int32)
+  return norms.group_norms_split(leaves, ids, groups.num_groups, axis_name=axis_name)
+
+
+def _scale_groups(
+  leaves: list[jax.Array],
+  groups: stacking.LayerGroups,
+  any_clipped: jax.Array,
+  hi: jax.Array,
+  lo: jax.Array,
+) -> list[jax.Array]:
+  """Each leaf times its group's factors ``hi * lo`` (vectors, one entry per group)."""
+  # A stack's scales have its layer shape, then ones: they broadcast over each layer.
+  spans = [
+    (base, shape + (1,) * (x.ndim - len(shape)) if shape else ())
+    for base, shape, x in zip(groups.bases, groups.layer_shapes, leaves)
+  ]
+  factors = scaling.Decision(any_clipped, hi, hi, hi, lo)  # gated_slices reads hi and lo
+  leaf_scales = scaling.gated_slices(any_clipped, factors, spans)
+  return [scaling.scale_leaf(x, h, low) for x, (h, low) in zip(leaves, leaf_scales)]
+
+
+def clip_by_global_then_layer_norm(
+  global_max_norm: Threshold,
+  layer_max_norm: Threshold,
+  *,
+  group: str | GroupFn = "leaf",
+  stacked: int | stacking.StackedFn | None = None,
+  axis_name: Any = None,
+) -> optax.GradientTransformation:
+  """``optax.chain(clip_by_global_norm(g), clip_by_layer_norm(l))`` in one pass over the updates.
+
+  The global norm is the norm of the group norms, and after a global scale
+  ``s`` every group's norm is ``s`` times its own, so both clips need only
+  one reduction of the updates and one multiply per leaf. Chained, the
+  layer clip must first materialize the globally clipped tree to measure
+  it: on XLA CPU a ResNet-50-sized temporary, page-faulted in afresh every
+  step (``benchmarks/README.md``, "Spike methods"). The state, statistics and
+  decisions are the chain's; the outputs agree with it to float32 rounding
+  (the chain measures the rounded clipped tree, this the exact product).
+  ``clipx.stats`` reports ``clip/global/...`` and ``clip/layer/...`` as for
+  the chain; the global clip's forensics ``source`` names a group.
+
+  Where both clip on one step the two scales are applied as one product;
+  it is exact unless both are below about ``1e-19`` (each is split in two
+  normal factors on its own, see :func:`clipx.scaling.decide`).
+
+  Args:
+    global_max_norm: the global threshold: a float, a schedule or a policy.
+    layer_max_norm: every group's threshold, on its norm after the global clip.
+    group, stacked, axis_name: as for :func:`clip_by_layer_norm`.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is the chain's,
+    ``(GlobalNormClipState, LayerNormClipState)``.
+  """
+  owner = "clip_by_global_then_layer_norm"
+  global_policy = as_policy(global_max_norm, "global_max_norm", owner)
+  layer_policy = as_policy(layer_max_norm, "layer_max_norm", owner)
+  validation.choice(owner, "group", group, GROUP_MODES, function=True)
+  stacked_fn = stacking.as_stacked_fn(owner, stacked)
+  layer = clip_by_layer_norm(layer_policy, group=group, stacked=stacked, axis_name=axis_name)
+  key_fn = _group_key_fn(group)
+
+  def init_fn(params):
+    layer_state = layer.init(params)
+    dtype = _norm_dtype(params)
+    global_state = GlobalNormClipState(
+      init_clip_stats((), dtype, forensics=True),
+      global_policy.init(jnp.zeros((), dtype)),
+      layer_state.names,  # the global source is a group
+    )
+    return global_state, layer_state
+
+  def update_fn(updates, state, params=None):
+    del params
+    global_state, layer_state = state
+    leaves = norms.check_float_leaves(updates)
+    groups = stacking.layer_groups(owner, updates, key_fn, stacked_fn)
+    groups = _checked_groups(owner, groups, layer_state.stats.norm.shape[0])
+    divisor, root = _group_norms(leaves, groups, axis_name)
+    # The global norm from the group norms (already over every shard with axis_name).
+    global_divisor, global_root = norms.combine_norms(divisor, root)
+    global_norm = global_divisor[0] * global_root[0]
+    threshold, global_tstate = global_policy.update(global_norm, global_state.threshold_state)
+    threshold = threshold.astype(root.dtype)
+    first = scaling.decide(global_divisor[0], global_root[0], threshold)
+    shares = _largest_share(divisor, root)
+    global_stats = _decision_stats(first, threshold, global_state.stats, *shares)
+    # Each group's norm after the global clip, as the chain's second stage measures it.
+    seen_root = root * first.hi * first.lo
+    layer_threshold, layer_tstate = layer_policy.update(
+      divisor * seen_root, layer_state.threshold_state
+    )
+    layer_threshold = layer_threshold.astype(root.dtype)
+    second = scaling.decide(divisor, seen_root, layer_threshold)
+    layer_stats = _decision_stats(second, layer_threshold, layer_state.stats, *shares)
+    any_clipped = first.clipped | jnp.any(second.clipped)
+    out = _scale_groups(leaves, groups, any_clipped, first.hi * second.hi, first.lo * second.lo)
+    new_state = (
+      GlobalNormClipState(global_stats, global_tstate, global_state.names),
+      LayerNormClipState(layer_stats, layer_tstate, layer_state.names),
+    )
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

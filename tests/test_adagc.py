@@ -154,7 +154,9 @@ def test_parity_with_reference_eps():
   _compare(ours, ref, warmup_steps, eps=1e-6)
 
 
-def test_equals_hand_built_chain():
+@pytest.mark.parametrize("group", ["leaf", "module"])
+def test_equals_hand_built_chain(group):
+  """The preset is the chain of its two pieces, fused: same decisions, values to rounding."""
   ratio, decay, warmup_steps, max_norm = 1.1, 0.9, 5, 0.8
 
   def warmup_bound(count):
@@ -163,20 +165,41 @@ def test_equals_hand_built_chain():
   hand = optax.chain(
     clipx.clip_by_global_norm(warmup_bound),
     clipx.clip_by_layer_norm(
-      clipx.ema_ratio(ratio, decay, warmup_steps=warmup_steps, warmup="min"), group="module"
+      clipx.ema_ratio(ratio, decay, warmup_steps=warmup_steps, warmup="min"), group=group
     ),
   )
-  preset = adagc(ratio, decay, warmup_steps=warmup_steps, warmup_max_norm=max_norm, group="module")
-  stream = [{"m": g} for g in _stream(30, seed=2)]
+  preset = adagc(ratio, decay, warmup_steps=warmup_steps, warmup_max_norm=max_norm, group=group)
+  stream = [
+    {"dec": {"attn": g["attn"], "bias": g["bias"]}, "enc": {"embed": g["embed"], "out": g["out"]}}
+    for g in _stream(40, seed=2)
+  ]
   state_hand, state_preset = hand.init(stream[0]), preset.init(stream[0])
   assert jax.tree.structure(state_hand) == jax.tree.structure(state_preset)
   update_hand, update_preset = jax.jit(hand.update), jax.jit(preset.update)
+  leaf_names = clipx.stats(state_hand).group_names["global"]
+  group_names = clipx.stats(state_preset).group_names["global"]
   for grads in stream:
     out_hand, state_hand = update_hand(grads, state_hand)
     out_preset, state_preset = update_preset(grads, state_preset)
-    chex.assert_trees_all_equal(out_hand, out_preset)
-    chex.assert_trees_all_equal(state_hand, state_preset)
+    chex.assert_trees_all_close(out_hand, out_preset, rtol=2e-6, atol=0)
+    for stage, (hand_part, preset_part) in enumerate(zip(state_hand, state_preset)):
+      a, b = hand_part.stats, preset_part.stats
+      np.testing.assert_array_equal(a.clipped, b.clipped)
+      np.testing.assert_array_equal(a.clip_count, b.clip_count)
+      # A module's share of the global norm is not its largest leaf's.
+      share = ("share",) if stage or group == "leaf" else ()
+      for field in ("norm", "threshold", "scale", "clipped_norm", *share):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=2e-6)
+      chex.assert_trees_all_close(hand_part.threshold_state, preset_part.threshold_state, rtol=2e-6)
+    # The chain's global source is a leaf, the preset's a group: the one with most of the norm.
+    source = group_names[int(state_preset[0].stats.source)]
+    if group == "leaf":
+      assert source == leaf_names[int(state_hand[0].stats.source)]
+    else:
+      squares = {k: sum(float(np.sum(np.square(g))) for g in v.values()) for k, v in grads.items()}
+      assert source == max(squares, key=squares.get)
   assert int(state_preset[1].stats.clip_count.sum()) > 0
+  assert int(state_preset[0].stats.clip_count) > 0
 
 
 def test_inject_hyperparams_ratio_changes_without_recompiling():
