@@ -29,13 +29,12 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from clipx import norms, scaling, stacking, validation
 from clipx.stats import ClipStats, init_clip_stats
 from clipx.thresholds import ThresholdPolicy, as_policy, concrete_float, policy_factory
-from clipx.transforms import Threshold, _norm_dtype, _stats
+from clipx.transforms import Threshold, _checked_groups, _group_norms, _norm_dtype, _stats
 
 
 class OutlierRescaleState(NamedTuple):
@@ -188,18 +187,74 @@ def _leaf_groups(owner: str, tree: Any, stacked_fn: stacking.StackedFn) -> stack
   return stacking.layer_groups(owner, tree, lambda path: path, stacked_fn)
 
 
-def _check_groups(owner: str, groups: stacking.LayerGroups, count: int) -> None:
-  if groups.num_groups != count:
-    raise ValueError(
-      f"clipx.{owner}: updates have {groups.num_groups} groups but the state was"
-      f" initialised with {count}; init with params shaped like the updates."
-    )
-
-
 def _group_slice(vector: jax.Array, base: int, shape: tuple[int, ...], ndim: int) -> jax.Array:
   """A leaf's entries of a per-group vector, shaped to broadcast against the leaf."""
   size = math.prod(shape)
   return vector[base : base + size].reshape(shape + (1,) * (ndim - len(shape)))
+
+
+def _group_peaks(
+  leaves: list[jax.Array], groups: stacking.LayerGroups, dtype, axis_name: Any
+) -> jax.Array:
+  """Each group's largest magnitude (a leaf, or a layer of a stacked leaf), over all shards."""
+  peaks = [
+    jnp.max(
+      jnp.abs(norms.widen(x, dtype)).astype(dtype),
+      axis=tuple(range(len(shape), x.ndim)),
+      initial=0.0,
+    ).reshape(-1)
+    for x, shape in zip(leaves, groups.layer_shapes)
+  ]
+  peak = jnp.concatenate(peaks) if peaks else jnp.zeros((0,), dtype)
+  if axis_name is not None:
+    peak = jax.lax.pmax(peak, axis_name)
+  return peak
+
+
+class _Outliers(NamedTuple):
+  """AdaClip's decision per group: which groups have outliers, and their factor."""
+
+  peak: jax.Array
+  bound: jax.Array
+  over: jax.Array  # a finite peak above the bound
+  invalid: jax.Array  # a NaN or negative bound
+  safe_peak: jax.Array  # the peak where over, else 1 (a divisor)
+  factor: jax.Array  # bound / peak where over, 1 elsewhere, NaN where invalid
+  clipped_peak: jax.Array  # the largest magnitude after
+
+
+def _outlier_decision(peak: jax.Array, bound: jax.Array) -> _Outliers:
+  invalid = ~(bound >= 0)  # NaN or negative
+  over = jnp.isfinite(peak) & (peak > bound)
+  nan = jnp.full_like(peak, jnp.nan)
+  # Divide first: |g| / M <= 1, so g / M * b never overflows, and M lands exactly on b.
+  safe_peak = jnp.where(over, peak, 1)
+  factor = jnp.where(invalid, nan, jnp.where(over, bound / safe_peak, 1))
+  clipped_peak = jnp.where(invalid, nan, jnp.where(over, bound, peak))
+  return _Outliers(peak, bound, over, invalid, safe_peak, factor, clipped_peak)
+
+
+def _rescale_leaf(
+  x: jax.Array, outliers: _Outliers, base: int, shape: tuple[int, ...], dtype
+) -> jax.Array:
+  """``x`` with its entries above its group's bound multiplied by ``bound / peak``."""
+  wide = jnp.promote_types(x.dtype, dtype)
+  xw = x.astype(wide)
+  b = _group_slice(outliers.bound, base, shape, x.ndim).astype(wide)
+  m = _group_slice(outliers.safe_peak, base, shape, x.ndim).astype(wide)
+  # Two compares, not abs(x) > b: XLA merges that abs with the peak's, and a
+  # shared abs(x) is materialized for its two readers (a gradient-sized temporary).
+  hit = _group_slice(outliers.over, base, shape, x.ndim) & ((xw > b) | (xw < -b))
+  out = jnp.where(hit, xw / m * b, xw)
+  out = jnp.where(_group_slice(outliers.invalid, base, shape, x.ndim), jnp.nan, out)
+  return out.astype(x.dtype)
+
+
+def _outlier_stats(outliers: _Outliers, previous: ClipStats) -> ClipStats:
+  clipped = outliers.over | outliers.invalid
+  return _stats(
+    outliers.peak, outliers.clipped_peak, outliers.bound, outliers.factor, clipped, previous
+  )
 
 
 def rescale_outliers(
@@ -272,44 +327,16 @@ def rescale_outliers(
     del params
     leaves = norms.check_float_leaves(updates)
     groups = _leaf_groups(owner, updates, stacked_fn)
-    _check_groups(owner, groups, state.stats.norm.shape[0])
+    _checked_groups(owner, groups, state.stats.norm.shape[0])
     dtype = state.stats.norm.dtype
-    peaks = [
-      jnp.max(
-        jnp.abs(norms.widen(x, dtype)).astype(dtype),
-        axis=tuple(range(len(shape), x.ndim)),
-        initial=0.0,
-      ).reshape(-1)
-      for x, shape in zip(leaves, groups.layer_shapes)
-    ]
-    peak = jnp.concatenate(peaks) if peaks else jnp.zeros((0,), dtype)
-    if axis_name is not None:
-      peak = jax.lax.pmax(peak, axis_name)
+    peak = _group_peaks(leaves, groups, dtype, axis_name)
     bound, threshold_state = policy.update(peak, state.threshold_state)
-    bound = bound.astype(dtype)
-    invalid = ~(bound >= 0)  # NaN or negative
-    over = jnp.isfinite(peak) & (peak > bound)
-    clipped = over | invalid
-    nan = jnp.full_like(peak, jnp.nan)
-    # Divide first: |g| / M <= 1, so g / M * b never overflows, and M lands exactly on b.
-    safe_peak = jnp.where(over, peak, 1)
-    factor = jnp.where(invalid, nan, jnp.where(over, bound / safe_peak, 1))
-
-    def rescale(x, base, shape):
-      wide = jnp.promote_types(x.dtype, dtype)
-      xw = x.astype(wide)
-      b = _group_slice(bound, base, shape, x.ndim).astype(wide)
-      m = _group_slice(safe_peak, base, shape, x.ndim).astype(wide)
-      hit = _group_slice(over, base, shape, x.ndim) & (jnp.abs(xw) > b)
-      out = jnp.where(hit, xw / m * b, xw)
-      out = jnp.where(_group_slice(invalid, base, shape, x.ndim), jnp.nan, out)
-      return out.astype(x.dtype)
-
+    outliers = _outlier_decision(peak, bound.astype(dtype))
     out = [
-      rescale(x, base, shape) for x, base, shape in zip(leaves, groups.bases, groups.layer_shapes)
+      _rescale_leaf(x, outliers, base, shape, dtype)
+      for x, base, shape in zip(leaves, groups.bases, groups.layer_shapes)
     ]
-    clipped_peak = jnp.where(invalid, nan, jnp.where(over, bound, peak))
-    stats = _stats(peak, clipped_peak, bound, factor, clipped, state.stats)
+    stats = _outlier_stats(outliers, state.stats)
     treedef = jax.tree_util.tree_structure(updates)
     new_state = OutlierRescaleState(stats, threshold_state, state.names)
     return jax.tree_util.tree_unflatten(treedef, out), new_state
@@ -317,20 +344,48 @@ def rescale_outliers(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _layer_norms(
-  leaves, groups: stacking.LayerGroups, axis_name: Any = None
-) -> tuple[jax.Array, jax.Array]:
-  """Each group's L2 norm as ``(divisor, root)`` (overflow-safe, as clip_by_layer_norm)."""
-  count = groups.num_groups
-  if any(groups.layer_shapes):
-    rows = [
-      base + np.arange(math.prod(shape), dtype=np.int32)
-      for base, shape in zip(groups.bases, groups.layer_shapes)
-    ]
-    layer_axes = [len(s) for s in groups.layer_shapes]
-    return norms.layer_norms_split(leaves, layer_axes, rows, count, axis_name=axis_name)
-  ids = np.asarray(groups.bases, np.int32)
-  return norms.group_norms_split(leaves, ids, count, axis_name=axis_name)
+class _Normalized(NamedTuple):
+  """AdaGN's step: each group's factors ``hi * lo`` and the new state."""
+
+  hi: jax.Array
+  lo: jax.Array
+  state: LayerNormalizeState
+
+
+def _normalize_step(
+  divisor: jax.Array,
+  root: jax.Array,
+  state: LayerNormalizeState,
+  gamma1: chex.Numeric,
+  gamma2: chex.Numeric,
+  eps: chex.Numeric,
+) -> _Normalized:
+  """Records the norms ``divisor * root`` and returns the factors that set them to the target."""
+  dtype = state.mean.dtype
+  divisor, root = divisor.astype(dtype), root.astype(dtype)
+  n = divisor * root
+  beta1, rest1 = _ema_coefficients(gamma1, dtype)
+  beta2, rest2 = _ema_coefficients(gamma2, dtype)
+  new_mean = beta1 * state.mean + rest1 * n
+  new_second = beta2 * state.second + rest2 * jnp.square(n)
+  # n**2 must be a positive finite float32: one that overflows would poison the
+  # EMA, and one that underflows to 0 would make the target m / sqrt(0) = inf.
+  square = jnp.square(n)
+  record = jnp.isfinite(square) & (square > 0) & jnp.isfinite(new_mean) & jnp.isfinite(new_second)
+  mean = jnp.where(record, new_mean, state.mean)
+  second = jnp.where(record, new_second, state.second)
+  count = jnp.where(record, optax.safe_increment(state.count), state.count)
+  known = count > 0
+  mean_hat = mean / jnp.where(known, _bias_correction(count, rest1), 1)
+  second_hat = second / jnp.where(known, _bias_correction(count, rest2), 1)
+  target = mean_hat / (jnp.sqrt(second_hat) + jnp.asarray(eps, dtype))
+  target = jnp.where(known, target, n)  # no history: identity (never applied)
+  # A finite non-zero gradient is normalised; NaN/Inf passes through unchanged.
+  apply = known & jnp.isfinite(root) & (root > 0)
+  hi = jnp.where(apply, target / jnp.where(apply, root, 1), 1)
+  lo = jnp.where(apply, 1 / divisor, 1)  # divisor is a power of two: exact
+  stats = _stats(n, jnp.where(apply, target, n), target, hi * lo, apply, state.stats)
+  return _Normalized(hi, lo, LayerNormalizeState(stats, count, mean, second, state.names))
 
 
 def normalize_by_layer_norm(
@@ -379,7 +434,7 @@ def normalize_by_layer_norm(
 
   Deviations from the reference: its cosine schedule on ``gamma1`` (``total_T``)
   is left out (pass a fixed ``gamma1``; it is shared with the optimizer's
-  ``beta1`` there); a zero, non-finite or square-overflowing norm is not
+  ``beta1`` there); a zero or non-finite norm, or one whose square overflows or underflows, is not
   recorded, and a group holding NaN/Inf is passed through unchanged (the
   reference records it, poisoning the EMAs); the count is never reset (the
   reference resets it at its momentum resets); the rescale is ``g * (target / n)``
@@ -416,44 +471,24 @@ def normalize_by_layer_norm(
     del params
     leaves = norms.check_float_leaves(updates)
     groups = _leaf_groups(owner, updates, stacked_fn)
-    _check_groups(owner, groups, state.count.shape[0])
+    _checked_groups(owner, groups, state.count.shape[0])
     dtype = state.mean.dtype
     if leaves:
-      divisor, root = _layer_norms(leaves, groups, axis_name)
+      divisor, root = _group_norms(leaves, groups, axis_name)
       divisor, root = divisor.astype(dtype), root.astype(dtype)
     else:
       divisor, root = jnp.ones((0,), dtype), jnp.zeros((0,), dtype)
-    n = divisor * root
-    beta1, rest1 = _ema_coefficients(gamma1, dtype)
-    beta2, rest2 = _ema_coefficients(gamma2, dtype)
-    new_mean = beta1 * state.mean + rest1 * n
-    new_second = beta2 * state.second + rest2 * jnp.square(n)
-    record = jnp.isfinite(n) & (n > 0) & jnp.isfinite(new_mean) & jnp.isfinite(new_second)
-    mean = jnp.where(record, new_mean, state.mean)
-    second = jnp.where(record, new_second, state.second)
-    count = jnp.where(record, optax.safe_increment(state.count), state.count)
-    known = count > 0
-    mean_hat = mean / jnp.where(known, _bias_correction(count, rest1), 1)
-    second_hat = second / jnp.where(known, _bias_correction(count, rest2), 1)
-    target = mean_hat / (jnp.sqrt(second_hat) + jnp.asarray(eps, dtype))
-    target = jnp.where(known, target, n)  # no history: identity (never applied)
-    # A finite non-zero gradient is normalised; NaN/Inf passes through unchanged.
-    apply = known & jnp.isfinite(root) & (root > 0)
-    hi = jnp.where(apply, target / jnp.where(apply, root, 1), 1)
-    lo = jnp.where(apply, 1 / divisor, 1)  # divisor is a power of two: exact
-
+    step = _normalize_step(divisor, root, state, gamma1, gamma2, eps)
     out = [
       scaling.scale_leaf(
         x,
-        _group_slice(hi, base, shape, x.ndim),
-        _group_slice(lo, base, shape, x.ndim),
+        _group_slice(step.hi, base, shape, x.ndim),
+        _group_slice(step.lo, base, shape, x.ndim),
       )
       for x, base, shape in zip(leaves, groups.bases, groups.layer_shapes)
     ]
-    scale = hi * lo
-    stats = _stats(n, jnp.where(apply, target, n), target, scale, apply, state.stats)
     treedef = jax.tree_util.tree_structure(updates)
-    new_state = LayerNormalizeState(stats, count, mean, second, state.names)
+    new_state = step.state
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -518,7 +553,91 @@ def stable_spam_clip(
   for name, value in (("theta", theta), ("gamma1", gamma1), ("gamma2", gamma2)):
     validation.number(owner, name, value, low=0.0, high=1.0, high_open=True)
   validation.nonnegative(owner, "eps", eps, finite=True)
-  return optax.chain(
-    rescale_outliers(ema_peak(theta), stacked=stacked, axis_name=axis_name),
-    normalize_by_layer_norm(gamma1, gamma2, eps, stacked=stacked, axis_name=axis_name),
-  )
+  stacked_fn = stacking.as_stacked_fn(owner, stacked)
+  policy = ema_peak(theta)
+  clip = rescale_outliers(policy, stacked=stacked, axis_name=axis_name)
+  normalize = normalize_by_layer_norm(gamma1, gamma2, eps, stacked=stacked, axis_name=axis_name)
+
+  def init_fn(params):
+    return clip.init(params), normalize.init(params)
+
+  def update_fn(updates, state, params=None):
+    del params
+    clip_state, normalize_state = state
+    leaves = norms.check_float_leaves(updates)
+    groups = _leaf_groups(owner, updates, stacked_fn)
+    _checked_groups(owner, groups, clip_state.stats.norm.shape[0])
+    dtype = clip_state.stats.norm.dtype
+    peak = _group_peaks(leaves, groups, dtype, axis_name)
+    bound, threshold_state = policy.update(peak, clip_state.threshold_state)
+    outliers = _outlier_decision(peak, bound.astype(dtype))
+    spans = list(zip(groups.bases, groups.layer_shapes))
+    divisor, root = _rescaled_norms(leaves, outliers, spans, dtype, axis_name)
+    step = _normalize_step(divisor, root, normalize_state, gamma1, gamma2, eps)
+    out = [
+      scaling.scale_leaf(
+        _rescale_leaf(x, outliers, base, shape, dtype),
+        _group_slice(step.hi, base, shape, x.ndim),
+        _group_slice(step.lo, base, shape, x.ndim),
+      )
+      for x, (base, shape) in zip(leaves, spans)
+    ]
+    clip_state = OutlierRescaleState(
+      _outlier_stats(outliers, clip_state.stats), threshold_state, clip_state.names
+    )
+    treedef = jax.tree_util.tree_structure(updates)
+    return jax.tree_util.tree_unflatten(treedef, out), (clip_state, step.state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _rescaled_norms(
+  leaves: list[jax.Array],
+  outliers: _Outliers,
+  spans: list[tuple[int, tuple[int, ...]]],
+  dtype,
+  axis_name: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """Each group's norm after AdaClip, as ``(divisor, root)``, from the gradients themselves.
+
+  One reduction per leaf, with nothing the size of a gradient written:
+  - No entry exceeds its group's largest magnitude after AdaClip (the bound
+    where rescaled, the peak elsewhere), known before this reduction; dividing
+    by its power of two :func:`clipx.norms.safe_divisor` keeps every square
+    below 65536, so the norm cannot overflow and needs no fallback pass.
+  - Each magnitude ``y`` is weighted by ``w = max(c, min(1, (b - y) * L + 1))``
+    with ``L = 2**25 / b``: 1 where ``y <= b``, and the outlier factor
+    ``c = b / M`` where ``y > b``, since ``y - b`` is then at least float32's
+    spacing at ``b``, ``b / 2**24``, which ``L`` lifts to at least 2. A select
+    would say the same, but XLA CPU's reduction kernels (YNNPACK) take min
+    and max into the reduction and not a select, whose output was then
+    materialized: a ResNet-50-sized temporary per step. The weight is ``c``
+    or 1 exactly, so the norm is the rescaled entries' to rounding (``y * c``
+    here, ``g / M * b`` in the output). ``L`` is capped at float32's largest
+    number, which still lifts the spacing past 2 for every bound above
+    ``2**-100`` (~8e-31); below that an outlier may count as unscaled here.
+  - The leaf is read from behind a no-op barrier, so this ``|g|`` is not merged
+    with the peak's: one ``|g|`` for two readers was materialized too, and
+    so are broadcast constants, hence the run-time ``1`` below.
+  """
+  divisor = norms.safe_divisor(outliers.clipped_peak)
+  inverse = 1 / divisor  # exact (a power of two)
+  fmax = jnp.finfo(dtype).max
+  # Elsewhere the bound is float32's largest number, so nothing finite is an
+  # outlier (an Inf is, with factor 1: the norm is inf, as it should be).
+  bound = jnp.where(outliers.over, outliers.bound, fmax)
+  factor = jnp.where(outliers.over | outliers.invalid, outliers.factor, 1)  # NaN where invalid
+  lift = jnp.minimum(jnp.asarray(2.0**25, dtype) / bound, fmax)  # inf / 0 is NaN: capped
+  one = jax.lax.optimization_barrier(jnp.ones_like(factor))  # a run-time 1, not a constant
+  rows = []
+  for x, (base, shape) in zip(leaves, spans):
+    y = jnp.abs(norms.widen(jax.lax.optimization_barrier(x), dtype).astype(dtype))
+    b, c, up, keep, r = (
+      _group_slice(v, base, shape, x.ndim) for v in (bound, factor, lift, one, inverse)
+    )
+    weight = jnp.maximum(c, jnp.minimum(keep, (b - y) * up + keep))
+    rows.append(norms.sum_sq(y * weight * r, tuple(range(len(shape), x.ndim)), dtype).reshape(-1))
+  sq = jnp.concatenate(rows) if rows else jnp.zeros((0,), dtype)
+  if axis_name is not None:
+    sq = jax.lax.psum(sq, axis_name)
+  return divisor, norms.safe_sqrt(sq)

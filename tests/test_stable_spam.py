@@ -175,7 +175,7 @@ def _numpy_stable_spam(stream, theta, gamma1, gamma2, eps):
       m_n = gamma1 * m_n + (1 - gamma1) * n
       v_n = gamma2 * v_n + (1 - gamma2) * n**2
       target = (m_n / (1 - gamma1**k)) / (np.sqrt(v_n / (1 - gamma2**k)) + eps)
-      step[name] = (g / n * target, bound, target)
+      step[name] = (g / n * target, bound, target, n)
       state[name] = [m_max, m_n, v_n]
     out.append(step)
   return out
@@ -187,12 +187,56 @@ def test_formulas_against_numpy_for_a_few_steps():
   runs = _run_clipx(stable_spam_clip(0.9, 0.6, 0.95, 1e-8), stream)
   for t, (want, (out, (outliers, normalize))) in enumerate(zip(expected, runs)):
     for i, name in enumerate(sorted(want)):
-      grads, bound, target = want[name]
+      grads, bound, target, _ = want[name]
       np.testing.assert_allclose(float(outliers.stats.threshold[i]), bound, rtol=2e-6)
       np.testing.assert_allclose(float(normalize.stats.threshold[i]), target, rtol=2e-6)
       np.testing.assert_allclose(
         out[name], grads, rtol=1e-5, atol=1e-6 * np.abs(grads).max(), err_msg=f"step {t} {name}"
       )
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_one_pass_equals_the_chain_of_its_two_steps(scale):
+  """The fused preset against rescale_outliers then normalize_by_layer_norm, and numpy.
+
+  At tiny and huge scales (the norm's divisor), with entries tied at the
+  bound (not outliers: ``|g| > b`` is strict) and a spiked step.
+  """
+  rng = np.random.default_rng(5)
+  stream = []
+  for t in range(12):
+    grads = {
+      "w": rng.standard_normal((6, 5)).astype(np.float32),
+      "b": np.array([1.0, -1.0, 1.0, 0.5], np.float32),  # every peak equal: bound == peak
+    }
+    if t == 6:
+      grads["w"][2, 3] = 40.0  # one outlier
+    if t == 9:
+      grads["b"][1] = -8.0  # one outlier among entries tied with each other
+    stream.append(jax.tree.map(lambda g: (g * np.float32(scale)).astype(np.float32), grads))
+  chain = optax.chain(rescale_outliers(ema_peak(0.9)), normalize_by_layer_norm(0.6, 0.95, 0.0))
+  fused = stable_spam_clip(0.9, 0.6, 0.95, 0.0)
+  expected = _numpy_stable_spam(stream, 0.9, 0.6, 0.95, 0.0)
+  chain_state, fused_state = chain.init(stream[0]), fused.init(stream[0])
+  chain_update, fused_update = jax.jit(chain.update), jax.jit(fused.update)
+  rescaled = 0
+  for t, grads in enumerate(stream):
+    chain_out, chain_state = chain_update(grads, chain_state)
+    fused_out, fused_state = fused_update(grads, fused_state)
+    chex.assert_trees_all_close(fused_out, chain_out, rtol=2e-6, atol=0)
+    for a, b in zip(fused_state, chain_state):
+      np.testing.assert_array_equal(a.stats.clipped, b.stats.clipped, err_msg=f"step {t}")
+    np.testing.assert_allclose(fused_state[0].stats.norm, chain_state[0].stats.norm, rtol=2e-6)
+    for i, name in enumerate(sorted(grads)):
+      want, _, _, norm = expected[t][name]
+      # The norm after AdaClip, at every scale (the chain's reads 0 below ~1e-19).
+      np.testing.assert_allclose(fused_state[1].stats.norm[i], norm, rtol=2e-6, err_msg=name)
+      if scale == 1.0:  # elsewhere n**2 leaves float32: AdaGN records nothing and passes through
+        np.testing.assert_allclose(fused_out[name], want, rtol=1e-5, err_msg=f"step {t} {name}")
+      else:
+        assert not fused_state[1].stats.clipped[i], f"step {t} {name}"
+    rescaled += int(np.sum(fused_state[0].stats.clipped))
+  assert rescaled >= 2
 
 
 def test_ema_peak_is_bias_corrected_and_includes_the_current_step():
