@@ -11,8 +11,8 @@ of a stacked leaf):
 - :func:`normalize_by_layer_norm` *sets* each group's L2 norm to a target
   formed from the history of its norms, up or down (AdaGN): normalisation,
   not clipping;
-- :func:`stable_spam_clip` chains the two, as Stable-SPAM's optimizer
-  applies them before its Adam moments.
+- :func:`stable_spam_clip` applies the two in one pass over the gradients,
+  as Stable-SPAM's optimizer applies them before its Adam moments.
 
 Numerics as elsewhere in clipx (see ``DESIGN.md``): statistics in float32 or
 wider whatever the gradient dtype, the output in the input's dtype; a group
@@ -513,6 +513,17 @@ def stable_spam_clip(
   first and decoupled) to get Stable-SPAM's gradient path; AdaGN discards
   the gradient's scale, so it suits Adam-type optimizers, not plain SGD.
 
+  One pass, not that chain: the chain's second step must measure the first
+  one's output, which XLA CPU materialized (a gradient-sized temporary per
+  step); here each tensor's norm after AdaClip is computed from the gradient
+  itself, once its bound is known (``_rescaled_norms``), and both steps'
+  factors are applied in the optimizer's own pass. Two reductions per tensor
+  remain (the peak, then the norm, which depends on the bound the peak sets).
+  The state, statistics and outputs are the chain's, to float32 rounding
+  (``tests/test_stable_spam.py``), except that norms below ~1e-19, which the
+  chain reads as 0, are measured here (AdaGN still skips them: their square
+  underflows).
+
   Args:
     theta: AdaClip's EMA decay of the peaks (the reference's ``gamma3``), in (0, 1).
     gamma1: AdaGN's decay of the EMA of the norm, in (0, 1).
@@ -524,7 +535,8 @@ def stable_spam_clip(
       split over (peaks and norms are then taken over all shards).
 
   Returns:
-    An ``optax.GradientTransformation`` (an ``optax.chain``); ``clipx.stats``
+    An ``optax.GradientTransformation`` whose state is the chain's,
+    ``(OutlierRescaleState, LayerNormalizeState)``; ``clipx.stats``
     reports ``clip/outliers/...`` and ``clip/normalize/...``.
 
   References:

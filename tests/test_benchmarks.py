@@ -205,3 +205,27 @@ def test_thread_labels_and_bad_settings():
   assert threads.label(None, cores=2) == "threads=all (2)"
   with pytest.raises(ValueError, match="'all' or a number of cores"):
     threads.parse("0")
+
+
+def test_spike_methods_quick_run_reports_every_case_and_its_malloc_settings(tmp_path):
+  out = tmp_path / "spike.md"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  env["MALLOC_ARENA_MAX"] = "1"
+  done = subprocess.run(
+    [sys.executable, str(BENCHMARKS / "spike_methods.py"), "--quick", "--rounds", "1"]
+    + ["--iters", "1", "--out", str(out)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  text = out.read_text()
+  assert "glibc malloc settings: MALLOC_ARENA_MAX=1." in text
+  rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+  names = [row.split("|")[1].strip() for row in rows[1:]]
+  for case in ("zclip + adam", "adagc + adam", "adagc as a chain + adam", "stable_spam_clip + adam"):
+    assert case in names
+  # Targets sit beside the methods, not beside the reference chains.
+  targets = {row.split("|")[1].strip(): row.split("|")[4].strip() for row in rows[1:]}
+  assert targets["adagc + adam"] == "<= 1.05x" and targets["adagc as a chain + adam"] == ""
