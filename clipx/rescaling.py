@@ -380,8 +380,10 @@ def _normalize_step(
   second_hat = second / jnp.where(known, _bias_correction(count, rest2), 1)
   target = mean_hat / (jnp.sqrt(second_hat) + jnp.asarray(eps, dtype))
   target = jnp.where(known, target, n)  # no history: identity (never applied)
-  # A finite non-zero gradient is normalised; NaN/Inf passes through unchanged.
-  apply = known & jnp.isfinite(root) & (root > 0)
+  # A finite non-zero gradient is normalised; NaN/Inf passes through unchanged, and
+  # so does a norm whose square underflows (below ~1e-19): a float32 sum of squares
+  # reads it as 0, and AdaGN would blow such a gradient up ~1e19-fold or more.
+  apply = known & jnp.isfinite(root) & (square > 0)
   hi = jnp.where(apply, target / jnp.where(apply, root, 1), 1)
   lo = jnp.where(apply, 1 / divisor, 1)  # divisor is a power of two: exact
   stats = _stats(n, jnp.where(apply, target, n), target, hi * lo, apply, state.stats)
@@ -521,8 +523,8 @@ def stable_spam_clip(
   remain (the peak, then the norm, which depends on the bound the peak sets).
   The state, statistics and outputs are the chain's, to float32 rounding
   (``tests/test_stable_spam.py``), except that norms below ~1e-19, which the
-  chain reads as 0, are measured here (AdaGN still skips them: their square
-  underflows).
+  chain reads as 0, are reported as they are here (AdaGN leaves such a
+  gradient alone in both).
 
   Args:
     theta: AdaClip's EMA decay of the peaks (the reference's ``gamma3``), in (0, 1).
