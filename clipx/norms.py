@@ -35,6 +35,10 @@ from jax import lax
 # reduced in place: stacking them would copy gradient-sized memory.
 SMALL_LEAF_SIZE = 1 << 14
 
+# Forensics reduces small leaves one shape at a time up to this many distinct
+# shapes, and through their merged vector beyond (see global_norm_attributed).
+MAX_SMALL_SHAPES = 32
+
 # Concatenations of more leaves than this are built in two levels; see concatenate.
 # Above the ~107 small leaves of a ResNet-50, so its steps keep one concatenation.
 MAX_CONCAT = 128
@@ -399,8 +403,9 @@ def global_norm_attributed(
   share of the squared norm and ``share`` that fraction (0 for a zero norm), so
   a clipped or skipped step says which leaf spiked. On the common path the
   per-leaf sums of squares are the ones the norm is made of: large leaves are
-  reduced one by one anyway, and the merged small leaves (see
-  :func:`_merge_small_leaves`) cost one more reduction of that small vector.
+  reduced one by one anyway, and small leaves one shape at a time; a tree of
+  more than ``MAX_SMALL_SHAPES`` small shapes merges them (see
+  :func:`_merge_small_leaves`, compile time) and pays one segment sum more.
   With ``axis_name`` the per-leaf vector (not only its sum) is all-reduced.
   """
   dtype = _common_dtype(leaves)
@@ -409,7 +414,12 @@ def global_norm_attributed(
     zero = jnp.zeros((), dtype)
     return jnp.ones((), dtype), zero, jnp.int32(-1), zero
   large, owners = _merged_layout(leaves) if jax.device_count() == 1 else ([], None)
-  if owners is not None and owners.size:
+  # Few shapes of small leaves (a ResNet-50 has 10): one reduction per shape gives
+  # every leaf's sum directly. The merged vector's segment sum, a scatter, cost
+  # 0.7 ms a step there (XLA CPU) against 0.14 ms; it is kept for trees of many
+  # small shapes, where a reduction per shape costs compile time.
+  small_shapes = {(x.shape, x.dtype) for x in leaves if x.size <= SMALL_LEAF_SIZE}
+  if owners is not None and owners.size and len(small_shapes) > MAX_SMALL_SHAPES:
     merged = _merge_small_leaves(leaves, dtype)
     sums = leaf_sq_norms(merged)
     # Each small leaf's sum: one segment sum over the small vector, in leaf order.

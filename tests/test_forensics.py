@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import clipx
+from clipx import norms
 
 
 def _tree(spike_leaf: str | None = None, big: float = 50.0):
@@ -137,6 +138,13 @@ def test_nonfinite_device_under_shard_map():
     {"a": jnp.ones((3, 4)), "b": jnp.full((2, 4), 3.0)},  # one shape group: not flattened
     {"a": jnp.ones((3, 4)), "b": jnp.full((2,), 3.0), "c": jnp.asarray(2.0)},
     {"a": jnp.ones(5), "big": jnp.full((20000,), 0.01), "c": jnp.full((2, 2), 0.5)},
+    # More small shapes than norms.MAX_SMALL_SHAPES: the merged vector's segment sums.
+    {f"v{i:02d}": jnp.full((i + 1,), 0.1 + 0.01 * i) for i in range(40)},  # one shape group
+    {
+      **{f"v{i:02d}": jnp.full((i + 1,), 0.1) for i in range(20)},
+      **{f"m{i:02d}": jnp.full((i + 1, 3), 0.2 - 0.001 * i) for i in range(20)},
+      "big": jnp.full((20000,), 0.001),
+    },
   ],
 )
 def test_global_forensics_on_every_layout_of_small_leaves(tree):
@@ -146,3 +154,5 @@ def test_global_forensics_on_every_layout_of_small_leaves(tree):
   np.testing.assert_allclose(float(stats.norm), np.sqrt(sq), rtol=1e-6)
   assert int(stats.source) == index
   np.testing.assert_allclose(float(stats.share), share, rtol=1e-5)
+  many = len({x.shape for x in jax.tree.leaves(tree) if x.size <= norms.SMALL_LEAF_SIZE})
+  assert (many > norms.MAX_SMALL_SHAPES) == (len(tree) >= 40)  # both paths are exercised
