@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -38,6 +39,14 @@ def malloc_settings() -> str:
   large temporaries are page-faulted in afresh every step (``benchmarks/README.md``)."""
   found = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
   return ", ".join(f"{k}={v}" for k, v in sorted(found.items())) or "defaults"
+
+
+def minor_faults_per_step(case, iters: int) -> float:
+  """Minor page faults of this process per step of ``case`` (``getrusage``): a large
+  temporary that malloc maps afresh each step shows up as ~one fault per 4 KiB page."""
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  case.run(iters)
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / iters
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,6 +144,7 @@ def main(argv=None) -> str:
     state = (jax.tree.map(jnp.copy, params), tx.init(params))
     cases[name] = Case(compiled, state, (grads,))
   times = time_cases(cases, args.rounds, args.iters)
+  faults = {name: minor_faults_per_step(case, args.iters) for name, case in cases.items()}
   label = threads.label(setting)
   leaves = len(jax.tree.leaves(params))
   size = sum(int(np.prod(s)) for s in shapes.values())
@@ -143,8 +153,8 @@ def main(argv=None) -> str:
     f" float32, {label}, {args.rounds} rounds x {args.iters} steps; jax {jax.__version__};"
     f" glibc malloc settings: {malloc_settings()}.",
     "",
-    f"| case | median ms | ratio to `{base}` (median, min/min) | target |",
-    "|---|---|---|---|",
+    f"| case | median ms | ratio to `{base}` (median, min/min) | page faults / step | target |",
+    "|---|---|---|---|---|",
   ]
   for name in cases:
     median, best = ratio(times, name, base)
@@ -155,7 +165,8 @@ def main(argv=None) -> str:
       median, best = ratio(times, base, name)
       name = f"`{base}` over `{name}` (forensics' cost)"
     ms = 1e3 * float(np.median(times[name] if name in times else times[base]))
-    lines.append(f"| {name} | {ms:.1f} | {median:.3f}x / {best:.3f}x | {target} |")
+    per_step = faults[name if name in faults else base]
+    lines.append(f"| {name} | {ms:.1f} | {median:.3f}x / {best:.3f}x | {per_step:.0f} | {target} |")
   text = "\n".join(lines) + "\n"
   print(text)
   out = Path(args.out)

@@ -227,5 +227,6 @@ def test_spike_methods_quick_run_reports_every_case_and_its_malloc_settings(tmp_
   cases = ("zclip + adam", "adagc + adam", "adagc as a chain + adam", "stable_spam_clip + adam")
   assert set(cases) <= set(names)
   # Targets sit beside the methods, not beside the reference chains.
-  targets = {row.split("|")[1].strip(): row.split("|")[4].strip() for row in rows[1:]}
+  targets = {row.split("|")[1].strip(): row.split("|")[5].strip() for row in rows[1:]}
+  assert all(float(row.split("|")[4]) >= 0 for row in rows[1:])  # page faults per step
   assert targets["adagc + adam"] == "<= 1.05x" and targets["adagc as a chain + adam"] == ""
