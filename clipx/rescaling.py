@@ -234,6 +234,24 @@ def _outlier_decision(peak: jax.Array, bound: jax.Array) -> _Outliers:
   return _Outliers(peak, bound, over, invalid, safe_peak, factor, clipped_peak)
 
 
+def _find_outliers(
+  owner: str,
+  updates: Any,
+  state: OutlierRescaleState,
+  policy: ThresholdPolicy,
+  stacked_fn: stacking.StackedFn,
+  axis_name: Any,
+) -> tuple[list[jax.Array], stacking.LayerGroups, _Outliers, Any]:
+  """AdaClip's first half: the leaves, their groups, each group's peak and bound."""
+  leaves = norms.check_float_leaves(updates)
+  groups = _leaf_groups(owner, updates, stacked_fn)
+  _checked_groups(owner, groups, state.stats.norm.shape[0])
+  dtype = state.stats.norm.dtype
+  peak = _group_peaks(leaves, groups, dtype, axis_name)
+  bound, threshold_state = policy.update(peak, state.threshold_state)
+  return leaves, groups, _outlier_decision(peak, bound.astype(dtype)), threshold_state
+
+
 def _rescale_leaf(
   x: jax.Array, outliers: _Outliers, base: int, shape: tuple[int, ...], dtype
 ) -> jax.Array:
@@ -325,13 +343,10 @@ def rescale_outliers(
 
   def update_fn(updates, state, params=None):
     del params
-    leaves = norms.check_float_leaves(updates)
-    groups = _leaf_groups(owner, updates, stacked_fn)
-    _checked_groups(owner, groups, state.stats.norm.shape[0])
+    leaves, groups, outliers, threshold_state = _find_outliers(
+      owner, updates, state, policy, stacked_fn, axis_name
+    )
     dtype = state.stats.norm.dtype
-    peak = _group_peaks(leaves, groups, dtype, axis_name)
-    bound, threshold_state = policy.update(peak, state.threshold_state)
-    outliers = _outlier_decision(peak, bound.astype(dtype))
     out = [
       _rescale_leaf(x, outliers, base, shape, dtype)
       for x, base, shape in zip(leaves, groups.bases, groups.layer_shapes)
@@ -578,13 +593,10 @@ def stable_spam_clip(
   def update_fn(updates, state, params=None):
     del params
     clip_state, normalize_state = state
-    leaves = norms.check_float_leaves(updates)
-    groups = _leaf_groups(owner, updates, stacked_fn)
-    _checked_groups(owner, groups, clip_state.stats.norm.shape[0])
+    leaves, groups, outliers, threshold_state = _find_outliers(
+      owner, updates, clip_state, policy, stacked_fn, axis_name
+    )
     dtype = clip_state.stats.norm.dtype
-    peak = _group_peaks(leaves, groups, dtype, axis_name)
-    bound, threshold_state = policy.update(peak, clip_state.threshold_state)
-    outliers = _outlier_decision(peak, bound.astype(dtype))
     spans = list(zip(groups.bases, groups.layer_shapes))
     divisor, root = _rescaled_norms(leaves, outliers, spans, dtype, axis_name)
     step = _normalize_step(divisor, root, normalize_state, gamma1, gamma2, eps)
