@@ -89,6 +89,28 @@ def decide(divisor: jax.Array, root: jax.Array, threshold: jax.Array) -> Decisio
   return Decision(clipped, norm, hi * lo, hi, lo)
 
 
+def multiply_factors(*factors: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The product of scale factors, as ``(hi, lo)`` like :class:`Decision`'s.
+
+  Two clips applied as one multiply (:func:`clipx.clip_by_global_then_layer_norm`)
+  need the product of their factors; multiplied directly, two scales of 1e-20
+  give 1e-40, which XLA CPU flushes to zero, zeroing a finite gradient. Here
+  the mantissas are multiplied (one rounding) and the exponents added, and the
+  product is split in two normal factors where it is subnormal, as
+  :func:`decide` does. Where it is normal, ``lo`` is exactly 1.
+  """
+  mantissa = jnp.ones_like(factors[0])
+  exponent = jnp.zeros(jnp.shape(factors[0]), jnp.int32)
+  for factor in factors:
+    m, e = jnp.frexp(factor)
+    mantissa, exponent = mantissa * m, exponent + e
+  mantissa, e = jnp.frexp(mantissa)  # in [0.5, 1) again
+  exponent = exponent + e
+  tiny = exponent < jnp.finfo(mantissa.dtype).minexp + 2
+  half = jnp.where(tiny, exponent // 2, 0)
+  return jnp.ldexp(mantissa, exponent - half), jnp.ldexp(jnp.ones_like(mantissa), half)
+
+
 def scale_leaf(leaf: jax.Array, scale: jax.Array, lo: jax.Array | None = None) -> jax.Array:
   """``leaf * scale * lo`` in float32 (or wider), cast back to the leaf's dtype.
 

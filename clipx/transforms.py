@@ -412,9 +412,9 @@ def clip_by_global_then_layer_norm(
   ``clipx.stats`` reports ``clip/global/...`` and ``clip/layer/...`` as for
   the chain; the global clip's forensics ``source`` names a group.
 
-  Where both clip on one step the two scales are applied as one product;
-  it is exact unless both are below about ``1e-19`` (each is split in two
-  normal factors on its own, see :func:`clipx.scaling.decide`).
+  Where both clip on one step the two scales are applied as one product of
+  normal factors (:func:`clipx.scaling.multiply_factors`): two scales of 1e-20
+  still scale, rather than zero, the gradient.
 
   Args:
     global_max_norm: the global threshold: a float, a schedule or a policy.
@@ -467,7 +467,8 @@ def clip_by_global_then_layer_norm(
     second = scaling.decide(divisor, seen_root, layer_threshold)
     layer_stats = _decision_stats(second, layer_threshold, layer_state.stats, *shares)
     any_clipped = first.clipped | jnp.any(second.clipped)
-    out = _scale_groups(leaves, groups, any_clipped, first.hi * second.hi, first.lo * second.lo)
+    hi, lo = scaling.multiply_factors(first.hi, first.lo, second.hi, second.lo)
+    out = _scale_groups(leaves, groups, any_clipped, hi, lo)
     new_state = (
       GlobalNormClipState(global_stats, global_tstate, global_state.names),
       LayerNormClipState(layer_stats, layer_tstate, layer_state.names),

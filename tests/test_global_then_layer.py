@@ -120,3 +120,17 @@ def test_bad_arguments_fail_at_construction(kwargs, error, match):
   args = {"global_max_norm": 1.0, "layer_max_norm": 1.0, **kwargs}
   with pytest.raises(error, match=match):
     clipx.clip_by_global_then_layer_norm(**args)
+
+
+def test_two_tiny_scales_on_one_step_do_not_zero_the_gradient():
+  """Each stage scales by ~1e-20: their product, 1e-40, is below float32's normal range."""
+  grads = {"a": np.full((4,), 5e19, np.float32), "b": np.full((3,), 1e19, np.float32)}
+  tx = clipx.clip_by_global_then_layer_norm(1.0, 1e-20)
+  out, state = jax.jit(tx.update)(grads, tx.init(grads))
+  total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
+  for k, g in grads.items():
+    seen = np.linalg.norm(g.astype(np.float64)) / total
+    want = g.astype(np.float64) / total * (1e-20 / seen)
+    np.testing.assert_allclose(np.asarray(out[k], np.float64), want, rtol=1e-5, err_msg=k)
+    assert np.all(np.asarray(out[k]) != 0)
+  assert bool(state[0].stats.clipped) and bool(np.all(state[1].stats.clipped))
