@@ -55,6 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="a small tree, for the smoke test")
+  parser.add_argument(
+    "--only",
+    default="",
+    help="comma-separated substrings of case names to time (the base case always runs),"
+    " e.g. 'forensics' for a long run of that pair alone",
+  )
   parser.add_argument("--out", default="runs/benchmarks/spike_methods.md")
   return parser.parse_args(argv)
 
@@ -129,6 +135,9 @@ def main(argv=None) -> str:
     ),
   }
   base = "global 1.0 + adam"
+  wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+  if wanted:
+    cases_tx = {k: v for k, v in cases_tx.items() if k == base or any(w in k for w in wanted)}
   shapes = benchmark_shapes(args.quick)
   params = jax.tree.map(jnp.asarray, random_tree(shapes, 0))
   grads = jax.tree.map(jnp.asarray, random_tree(shapes, 1, scale=0.1))

@@ -45,7 +45,7 @@ def adagc(
   global clip (not their mean, which the paper's text suggests). So this is,
   computed in one pass by :func:`clipx.clip_by_global_then_layer_norm` (the
   global norm comes from the per-tensor norms; chained, the second clip must
-  first materialize the first one's output, 2.6x the step time of a fixed
+  first materialize the first one's output, 2.7x the step time of a fixed
   global clip before Adam on XLA CPU, see ``benchmarks/README.md``),
 
   .. code-block:: python

@@ -653,7 +653,7 @@ def _rescaled_norms(
   # outlier (an Inf is, with factor 1: the norm is inf, as it should be).
   bound = jnp.where(outliers.over, outliers.bound, fmax)
   factor = jnp.where(outliers.over | outliers.invalid, outliers.factor, 1)  # NaN where invalid
-  lift = jnp.minimum(jnp.asarray(2.0**25, dtype) / bound, fmax)  # inf / 0 is NaN: capped
+  lift = jnp.minimum(jnp.asarray(2.0**25, dtype) / bound, fmax)  # a bound of 0 gives inf: capped
   one = jax.lax.optimization_barrier(jnp.ones_like(factor))  # a run-time 1, not a constant
   rows = []
   for x, (base, shape) in zip(leaves, spans):
