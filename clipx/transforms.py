@@ -419,7 +419,11 @@ def clip_by_global_then_layer_norm(
   Args:
     global_max_norm: the global threshold: a float, a schedule or a policy.
     layer_max_norm: every group's threshold, on its norm after the global clip.
-    group, stacked, axis_name: as for :func:`clip_by_layer_norm`.
+    group: what one group is, as for :func:`clip_by_layer_norm`: ``"leaf"``,
+      ``"module"`` or a function of the leaf's path.
+    stacked: leading layer axes per leaf, as for :func:`clip_by_layer_norm`.
+    axis_name: inside ``shard_map``/``pmap``, the mapped axis: the group
+      norms, and with them the global norm, are over all shards.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is the chain's,
