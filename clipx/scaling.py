@@ -179,14 +179,17 @@ def gated_scale(clipped: jax.Array, *factors: jax.Array) -> tuple[jax.Array, ...
 
 def gated_slices(
   any_clipped: jax.Array,
-  decision: Decision,
+  hi: jax.Array,
+  lo: jax.Array,
   spans: Sequence[tuple[int, tuple[int, ...]]],
 ) -> list[tuple[jax.Array, jax.Array]]:
-  """Each leaf scaled by its slice of ``decision``'s factors, for its ``(offset, shape)``.
+  """Each leaf's slice of the factor vectors ``hi`` and ``lo``, for its ``(offset, shape)``.
 
   Args:
-    any_clipped: whether any entry of ``decision.clipped`` is true.
-    decision: vectors of factors, 1 where not clipped (one per group or unit).
+    any_clipped: whether any group or unit is clipped.
+    hi: a vector of first factors (one per group or unit, as
+      :class:`Decision`'s), 1 where not clipped.
+    lo: the second factors, shaped like ``hi``.
     spans: static ``(offset, shape)`` of every leaf's factors in the vectors;
       ``shape`` broadcasts against the leaf (``()`` for one factor per leaf).
 
@@ -197,12 +200,12 @@ def gated_slices(
   """
   sizes = [math.prod(shape) for _, shape in spans]
   longest = max(sizes, default=1)
-  count = decision.hi.shape[0]
+  count = hi.shape[0]
 
   def pick(clipped: bool):
     # Ones after each half: the slices every leaf reads when nothing is clipped.
-    ones = jnp.ones((longest,), decision.hi.dtype)
-    table = jnp.concatenate([decision.hi, ones, decision.lo, ones])
+    ones = jnp.ones((longest,), hi.dtype)
+    table = jnp.concatenate([hi, ones, lo, ones])
     # numpy constants: jnp.int32(...) per leaf made a device array each (tracing time).
     offsets = [np.int32(offset if clipped else count) for offset, _ in spans]
     return table, offsets

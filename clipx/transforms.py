@@ -386,8 +386,7 @@ def _scale_groups(
     (base, shape + (1,) * (x.ndim - len(shape)) if shape else ())
     for base, shape, x in zip(groups.bases, groups.layer_shapes, leaves)
   ]
-  factors = scaling.Decision(any_clipped, hi, hi, hi, lo)  # gated_slices reads hi and lo
-  leaf_scales = scaling.gated_slices(any_clipped, factors, spans)
+  leaf_scales = scaling.gated_slices(any_clipped, hi, lo, spans)
   return [scaling.scale_leaf(x, h, low) for x, (h, low) in zip(leaves, leaf_scales)]
 
 
@@ -677,7 +676,7 @@ def adaptive_grad_clip(
       for i in bucket:
         spans[i] = (offset, shape)
         offset += math.prod(shape)
-    leaf_scales = scaling.gated_slices(clipped, decision, spans)
+    leaf_scales = scaling.gated_slices(clipped, decision.hi, decision.lo, spans)
     out = [scaling.scale_leaf(x, hi, lo) for x, (hi, lo) in zip(leaves, leaf_scales)]
     scale = jnp.where(norm > 0, clipped_norm / jnp.where(norm > 0, norm, 1), 1).astype(dtype)
     scale = jnp.where(ratio >= 0, scale, jnp.nan)

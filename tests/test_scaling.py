@@ -64,9 +64,8 @@ def test_scale_leaf_scales_in_float32_and_keeps_dtype():
 def test_gated_slices_read_each_leafs_span_or_ones():
   hi = jnp.array([0.5, 1.0, 0.25, 0.125, 1.0, 0.75], jnp.float32)
   lo = jnp.array([1.0, 1.0, 2.0**-60, 1.0, 1.0, 0.5], jnp.float32)
-  decision = scaling.Decision(hi < 1, hi, hi * lo, hi, lo)
   spans = [(0, ()), (1, (1, 3)), (4, (2,)), (2, (3, 1))]
-  fn = jax.jit(lambda c: scaling.gated_slices(c, decision, spans))
+  fn = jax.jit(lambda c: scaling.gated_slices(c, hi, lo, spans))
   for (got_hi, got_lo), (offset, shape) in zip(fn(True), spans):
     size = int(np.prod(shape))
     for got, table in ((got_hi, hi), (got_lo, lo)):
