@@ -492,7 +492,6 @@ def normalize_by_layer_norm(
     dtype = state.mean.dtype
     if leaves:
       divisor, root = _group_norms(leaves, groups, axis_name)
-      divisor, root = divisor.astype(dtype), root.astype(dtype)
     else:
       divisor, root = jnp.ones((0,), dtype), jnp.zeros((0,), dtype)
     step = _normalize_step(divisor, root, state, gamma1, gamma2, eps)
