@@ -68,6 +68,10 @@ METRICS = {
   "solved": ("solved", COUNT),
   "diverged": ("diverged", COUNT),
   "baseline_loss": ("trivial predictor MSE", "{:.3g}"),
+  "lr_sensitivity": ("LR sensitivity (bits/byte)", "{:.3f}"),
+  "stable_lr": ("trains up to lr", "{:g}"),
+  "loss_spikes": ("loss spikes over the grid", "{:.0f}"),
+  "best_bpb": ("best bits/byte", "{:.3f}"),
 }
 
 Rows = dict[str, dict[str, float]]
