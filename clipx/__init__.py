@@ -13,6 +13,7 @@ from clipx.guards import (
   skip_nonfinite,
   skip_spikes,
 )
+from clipx.layer_metadata import layer_axes_from_metadata
 from clipx.norms import global_norm
 from clipx.per_example import PerExampleClipState, PerExampleGrad, clipped_grad
 from clipx.presets import adagc
@@ -98,6 +99,7 @@ __all__ = [
   "ema_peak",
   "ema_ratio",
   "global_norm",
+  "layer_axes_from_metadata",
   "layer_groups",
   "normalize_by_layer_norm",
   "quantile",

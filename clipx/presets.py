@@ -25,7 +25,7 @@ def adagc(
   warmup_steps: int = 100,
   warmup_max_norm: float = 1.0,
   group: str | transforms.GroupFn = "leaf",
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
   axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """AdaGC: each tensor clipped to ``ratio`` times an EMA of its own clipped norm.
@@ -103,8 +103,10 @@ def adagc(
     group: what one "tensor" is: ``"leaf"`` (every array, as the paper),
       ``"module"`` or a function ``path -> key`` (see
       :func:`clipx.clip_by_layer_norm`).
-    stacked: for scanned models, how many leading axes of a leaf index
-      layers, so each layer of a stack keeps its own EMA, as its unstacked
+    stacked: for scanned models, which axes of a leaf index layers (an
+      int: that many leading axes; a tuple of positions such as ``(1,)``,
+      MaxText's ``param_scan_axis=1``; or a function ``(path, leaf) -> int |
+      tuple``), so each layer of a stack keeps its own EMA, as its unstacked
       twin would (see :func:`clipx.clip_by_layer_norm`).
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the leaves are
       split over: the global (warm-up) and per-tensor norms are then over all

@@ -187,10 +187,23 @@ def _leaf_groups(owner: str, tree: Any, stacked_fn: stacking.StackedFn) -> stack
   return stacking.layer_groups(owner, tree, lambda path: path, stacked_fn)
 
 
-def _group_slice(vector: jax.Array, base: int, shape: tuple[int, ...], ndim: int) -> jax.Array:
+class _Span(NamedTuple):
+  """A leaf's groups: the first id, the layer axes' sizes and their positions in the leaf."""
+
+  base: int
+  shape: tuple[int, ...]
+  axes: tuple[int, ...]
+
+
+def _spans(groups: stacking.LayerGroups) -> list[_Span]:
+  return [_Span(*span) for span in zip(groups.bases, groups.layer_shapes, groups.axes)]
+
+
+def _group_slice(vector: jax.Array, span: _Span, ndim: int) -> jax.Array:
   """A leaf's entries of a per-group vector, shaped to broadcast against the leaf."""
-  size = math.prod(shape)
-  return vector[base : base + size].reshape(shape + (1,) * (ndim - len(shape)))
+  size = math.prod(span.shape)
+  shape = stacking.scale_shape(ndim, span.axes, span.shape)
+  return vector[span.base : span.base + size].reshape(shape)
 
 
 def _group_peaks(
@@ -200,10 +213,10 @@ def _group_peaks(
   peaks = [
     jnp.max(
       jnp.abs(norms.widen(x, dtype)).astype(dtype),
-      axis=tuple(range(len(shape), x.ndim)),
+      axis=stacking.within_layer_axes(x.ndim, axes),
       initial=0.0,
     ).reshape(-1)
-    for x, shape in zip(leaves, groups.layer_shapes)
+    for x, axes in zip(leaves, groups.axes)
   ]
   peak = jnp.concatenate(peaks) if peaks else jnp.zeros((0,), dtype)
   if axis_name is not None:
@@ -252,19 +265,17 @@ def _find_outliers(
   return leaves, groups, _outlier_decision(peak, bound.astype(dtype)), threshold_state
 
 
-def _rescale_leaf(
-  x: jax.Array, outliers: _Outliers, base: int, shape: tuple[int, ...], dtype
-) -> jax.Array:
+def _rescale_leaf(x: jax.Array, outliers: _Outliers, span: _Span, dtype) -> jax.Array:
   """``x`` with its entries above its group's bound multiplied by ``bound / peak``."""
   wide = jnp.promote_types(x.dtype, dtype)
   xw = x.astype(wide)
-  b = _group_slice(outliers.bound, base, shape, x.ndim).astype(wide)
-  m = _group_slice(outliers.safe_peak, base, shape, x.ndim).astype(wide)
+  b = _group_slice(outliers.bound, span, x.ndim).astype(wide)
+  m = _group_slice(outliers.safe_peak, span, x.ndim).astype(wide)
   # Two compares, not abs(x) > b: XLA merges that abs with the peak's, and a
   # shared abs(x) is materialized for its two readers (a gradient-sized temporary).
-  hit = _group_slice(outliers.over, base, shape, x.ndim) & ((xw > b) | (xw < -b))
+  hit = _group_slice(outliers.over, span, x.ndim) & ((xw > b) | (xw < -b))
   out = jnp.where(hit, xw / m * b, xw)
-  out = jnp.where(_group_slice(outliers.invalid, base, shape, x.ndim), jnp.nan, out)
+  out = jnp.where(_group_slice(outliers.invalid, span, x.ndim), jnp.nan, out)
   return out.astype(x.dtype)
 
 
@@ -278,7 +289,7 @@ def _outlier_stats(outliers: _Outliers, previous: ClipStats) -> ClipStats:
 def rescale_outliers(
   threshold: Threshold,
   *,
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
   axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Rescales each leaf's outlying entries so the largest lands on the bound (AdaClip).
@@ -296,9 +307,11 @@ def rescale_outliers(
     threshold: the bound on each group's largest magnitude: a positive float,
       an Optax schedule, or a policy (which sees one statistic per group, its
       largest magnitude, as the "norm"), such as :func:`ema_peak` (AdaClip).
-    stacked: for scanned models, how many leading axes of a leaf index layers
-      (an int, or a function ``(path, leaf) -> int``); each layer is then its
-      own group, as its unstacked twin would be. ``None`` or 0: none.
+    stacked: for scanned models, which axes of a leaf index layers (an int:
+      that many leading axes; a tuple of positions such as ``(1,)``,
+      MaxText's ``param_scan_axis=1``; or a function ``(path, leaf) -> int |
+      tuple``, as for :func:`clipx.clip_by_layer_norm`); each layer is then
+      its own group, as its unstacked twin would be. ``None`` or 0: none.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the leaves are
       split over: each group's largest magnitude is then the maximum over all
       shards (one ``pmax`` of the vector of groups).
@@ -347,10 +360,7 @@ def rescale_outliers(
       owner, updates, state, policy, stacked_fn, axis_name
     )
     dtype = state.stats.norm.dtype
-    out = [
-      _rescale_leaf(x, outliers, base, shape, dtype)
-      for x, base, shape in zip(leaves, groups.bases, groups.layer_shapes)
-    ]
+    out = [_rescale_leaf(x, outliers, span, dtype) for x, span in zip(leaves, _spans(groups))]
     stats = _outlier_stats(outliers, state.stats)
     treedef = jax.tree_util.tree_structure(updates)
     new_state = OutlierRescaleState(stats, threshold_state, state.names)
@@ -410,7 +420,7 @@ def normalize_by_layer_norm(
   gamma2: chex.Numeric = 0.9,
   eps: chex.Numeric = 1e-8,
   *,
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
   axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Sets each leaf's L2 norm to ``E[n] / sqrt(E[n^2])`` of its norm history (AdaGN).
@@ -431,9 +441,11 @@ def normalize_by_layer_norm(
     gamma1: decay of the EMA of the norm, in (0, 1).
     gamma2: decay of the EMA of the squared norm, in (0, 1).
     eps: added to ``sqrt(v_hat)``, >= 0 and finite.
-    stacked: for scanned models, how many leading axes of a leaf index layers
-      (an int, or a function ``(path, leaf) -> int``); each layer is then its
-      own group. ``None`` or 0: none.
+    stacked: for scanned models, which axes of a leaf index layers (an int:
+      that many leading axes; a tuple of positions such as ``(1,)``,
+      MaxText's ``param_scan_axis=1``; or a function ``(path, leaf) -> int |
+      tuple``, as for :func:`clipx.clip_by_layer_norm`); each layer is then
+      its own group. ``None`` or 0: none.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the leaves are
       split over: group norms are then global over it (one ``psum``).
 
@@ -497,11 +509,9 @@ def normalize_by_layer_norm(
     step = _normalize_step(divisor, root, state, gamma1, gamma2, eps)
     out = [
       scaling.scale_leaf(
-        x,
-        _group_slice(step.hi, base, shape, x.ndim),
-        _group_slice(step.lo, base, shape, x.ndim),
+        x, _group_slice(step.hi, span, x.ndim), _group_slice(step.lo, span, x.ndim)
       )
-      for x, base, shape in zip(leaves, groups.bases, groups.layer_shapes)
+      for x, span in zip(leaves, _spans(groups))
     ]
     treedef = jax.tree_util.tree_structure(updates)
     new_state = step.state
@@ -516,7 +526,7 @@ def stable_spam_clip(
   gamma2: chex.Numeric = 0.9,
   eps: chex.Numeric = 1e-8,
   *,
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
   axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Stable-SPAM's gradient treatment: AdaClip, then AdaGN, per leaf.
@@ -545,8 +555,11 @@ def stable_spam_clip(
     gamma1: AdaGN's decay of the EMA of the norm, in (0, 1).
     gamma2: AdaGN's decay of the EMA of the squared norm, in (0, 1).
     eps: AdaGN's ``eps``, >= 0.
-    stacked: for scanned models, leading layer axes per leaf (an int or
-      ``(path, leaf) -> int``); each layer is its own group in both steps.
+    stacked: for scanned models, which axes of a leaf index layers (an int:
+      that many leading axes; a tuple of positions such as ``(1,)``; or a
+      function ``(path, leaf) -> int | tuple``, as for
+      :func:`clipx.clip_by_layer_norm`); each layer is its own group in both
+      steps.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the leaves are
       split over (peaks and norms are then taken over all shards).
 
@@ -596,16 +609,16 @@ def stable_spam_clip(
       owner, updates, clip_state, policy, stacked_fn, axis_name
     )
     dtype = clip_state.stats.norm.dtype
-    spans = list(zip(groups.bases, groups.layer_shapes))
+    spans = _spans(groups)
     divisor, root = _rescaled_norms(leaves, outliers, spans, dtype, axis_name)
     step = _normalize_step(divisor, root, normalize_state, gamma1, gamma2, eps)
     out = [
       scaling.scale_leaf(
-        _rescale_leaf(x, outliers, base, shape, dtype),
-        _group_slice(step.hi, base, shape, x.ndim),
-        _group_slice(step.lo, base, shape, x.ndim),
+        _rescale_leaf(x, outliers, span, dtype),
+        _group_slice(step.hi, span, x.ndim),
+        _group_slice(step.lo, span, x.ndim),
       )
-      for x, (base, shape) in zip(leaves, spans)
+      for x, span in zip(leaves, spans)
     ]
     clip_state = OutlierRescaleState(
       _outlier_stats(outliers, clip_state.stats), threshold_state, clip_state.names
@@ -619,7 +632,7 @@ def stable_spam_clip(
 def _rescaled_norms(
   leaves: list[jax.Array],
   outliers: _Outliers,
-  spans: list[tuple[int, tuple[int, ...]]],
+  spans: list[_Span],
   dtype,
   axis_name: Any,
 ) -> tuple[jax.Array, jax.Array]:
@@ -655,13 +668,12 @@ def _rescaled_norms(
   lift = jnp.minimum(jnp.asarray(2.0**25, dtype) / bound, fmax)  # a bound of 0 gives inf: capped
   one = jax.lax.optimization_barrier(jnp.ones_like(factor))  # a run-time 1, not a constant
   rows = []
-  for x, (base, shape) in zip(leaves, spans):
+  for x, span in zip(leaves, spans):
     y = jnp.abs(norms.widen(jax.lax.optimization_barrier(x), dtype).astype(dtype))
-    b, c, up, keep, r = (
-      _group_slice(v, base, shape, x.ndim) for v in (bound, factor, lift, one, inverse)
-    )
+    b, c, up, keep, r = (_group_slice(v, span, x.ndim) for v in (bound, factor, lift, one, inverse))
     weight = jnp.maximum(c, jnp.minimum(keep, (b - y) * up + keep))
-    rows.append(norms.sum_sq(y * weight * r, tuple(range(len(shape), x.ndim)), dtype).reshape(-1))
+    within = stacking.within_layer_axes(x.ndim, span.axes)
+    rows.append(norms.sum_sq(y * weight * r, within, dtype).reshape(-1))
   sq = jnp.concatenate(rows) if rows else jnp.zeros((0,), dtype)
   if axis_name is not None:
     sq = jax.lax.psum(sq, axis_name)

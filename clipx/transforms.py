@@ -283,7 +283,7 @@ def clip_by_layer_norm(
   max_norm: Threshold,
   *,
   group: str | GroupFn = "leaf",
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
   axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Clips each layer's updates to its own L2 norm bound.
@@ -294,10 +294,16 @@ def clip_by_layer_norm(
     group: ``"leaf"`` (every array is a layer), ``"module"`` (arrays under one
       parent path, e.g. a kernel and its bias, share a norm), or a function
       from a leaf's key path to a hashable group key.
-    stacked: for scanned models, how many leading axes of a leaf index layers:
-      an int for every leaf, or a function ``(path, leaf) -> int`` (e.g. 1
-      under ``blocks``, 0 elsewhere). Each layer of a stack is then its own
-      group, as if the layers were separate leaves; ``None`` or 0: none.
+    stacked: for scanned models, which axes of a leaf index layers: an int
+      ``k`` (the ``k`` leading axes of every leaf), a tuple of ints (their
+      positions in every leaf, negative ones from its end: ``(1,)`` for
+      MaxText's ``param_scan_axis=1``, ``(-1,)`` the last axis), or a function
+      ``(path, leaf) -> int | tuple[int, ...]`` for trees that mix layouts
+      (e.g. ``(1,)`` under ``decoder/layers``, 0 elsewhere; or
+      :func:`clipx.layer_axes_from_metadata`, which reads Flax's metadata).
+      Each layer of a stack is then its own group, as if the layers were
+      separate leaves, named ``path[layer]`` wherever the axis sits;
+      ``None`` or 0: none.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis; all group norms
       are reduced with one ``psum`` of a small vector.
 
@@ -367,10 +373,48 @@ def _group_norms(
       base + np.arange(math.prod(shape), dtype=np.int32)
       for base, shape in zip(groups.bases, groups.layer_shapes)
     ]
-    layer_axes = [len(shape) for shape in groups.layer_shapes]
-    return norms.layer_norms_split(leaves, layer_axes, rows, groups.num_groups, axis_name=axis_name)
+    if all(axes == tuple(range(len(axes))) for axes in groups.axes):
+      layer_axes = [len(shape) for shape in groups.layer_shapes]
+      return norms.layer_norms_split(
+        leaves, layer_axes, rows, groups.num_groups, axis_name=axis_name
+      )
+    return _layer_norms_anywhere(leaves, groups.axes, rows, groups.num_groups, axis_name)
   ids = np.asarray(groups.bases, np.int32)
   return norms.group_norms_split(leaves, ids, groups.num_groups, axis_name=axis_name)
+
+
+def _layer_norms_anywhere(
+  leaves: list[jax.Array],
+  layer_axes: list[tuple[int, ...]],
+  row_ids: list[np.ndarray],
+  num_segments: int,
+  axis_name: Any,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`clipx.norms.layer_norms_split` for layer axes at any positions, not only leading.
+
+  The same reductions over each leaf's other axes, in place: moving the layer
+  axes to the front instead made XLA CPU write a transposed copy of the leaf
+  (see :mod:`clipx.stacking`). A copy of ``layer_norms_split``'s body with
+  reduction axes for leading counts, kept here while that function takes counts.
+  """
+  dtype = norms._common_dtype(leaves)
+  ids = np.concatenate([np.asarray(r, np.int32).reshape(-1) for r in row_ids])
+  axes = [stacking.within_layer_axes(x.ndim, a) for x, a in zip(leaves, layer_axes)]
+  rows = jnp.concatenate([norms.sum_sq(x, a, dtype).reshape(-1) for x, a in zip(leaves, axes)])
+  sq = jax.ops.segment_sum(rows, ids, num_segments)
+  if axis_name is not None:
+    sq = lax.psum(sq, axis_name)
+
+  def common(_):
+    return jnp.ones_like(sq), norms.safe_sqrt(sq)
+
+  def fallback(leaves):
+    pairs = [norms.max_and_scaled_norm(x, a, dtype) for x, a in zip(leaves, axes)]
+    d = jnp.concatenate([p[0].reshape(-1) for p in pairs])
+    r = jnp.concatenate([p[1].reshape(-1) for p in pairs])
+    return norms.combine_norms(d, r, ids, num_segments, axis_name=axis_name)
+
+  return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, list(leaves))
 
 
 def _scale_groups(
@@ -381,10 +425,11 @@ def _scale_groups(
   lo: jax.Array,
 ) -> list[jax.Array]:
   """Each leaf times its group's factors ``hi * lo`` (vectors, one entry per group)."""
-  # A stack's scales have its layer shape, then ones: they broadcast over each layer.
+  # A stack's scales have its layer sizes at its layer axes, and ones: they broadcast
+  # over each layer.
   spans = [
-    (base, shape + (1,) * (x.ndim - len(shape)) if shape else ())
-    for base, shape, x in zip(groups.bases, groups.layer_shapes, leaves)
+    (base, stacking.scale_shape(x.ndim, axes, shape) if shape else ())
+    for base, shape, axes, x in zip(groups.bases, groups.layer_shapes, groups.axes, leaves)
   ]
   leaf_scales = scaling.gated_slices(any_clipped, hi, lo, spans)
   return [scaling.scale_leaf(x, h, low) for x, (h, low) in zip(leaves, leaf_scales)]
@@ -395,7 +440,7 @@ def clip_by_global_then_layer_norm(
   layer_max_norm: Threshold,
   *,
   group: str | GroupFn = "leaf",
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
   axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """``optax.chain(clip_by_global_norm(g), clip_by_layer_norm(l))`` in one pass over the updates.
@@ -420,7 +465,9 @@ def clip_by_global_then_layer_norm(
     layer_max_norm: every group's threshold, on its norm after the global clip.
     group: what one group is, as for :func:`clip_by_layer_norm`: ``"leaf"``,
       ``"module"`` or a function of the leaf's path.
-    stacked: leading layer axes per leaf, as for :func:`clip_by_layer_norm`.
+    stacked: which axes of a leaf index layers (an int, a tuple of
+      positions or a function of ``(path, leaf)``), as for
+      :func:`clip_by_layer_norm`.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis: the group
       norms, and with them the global norm, are over all shards.
 
@@ -512,15 +559,21 @@ def unit_axes(
 def _stacked_unit_axes(
   stacked_fn: stacking.StackedFn, path: tuple, leaf: jax.Array, axis: Any
 ) -> tuple[int, ...]:
-  """A leaf's unit axes: :func:`unit_axes` of one layer, after its leading layer axes."""
-  layers = stacking.layer_axes("adaptive_grad_clip", stacked_fn, path, leaf)
+  """A leaf's unit axes: :func:`unit_axes` of one layer, as axes of the leaf.
+
+  One layer is the leaf without its layer axes, its other axes in order.
+  """
+  layer_axes = stacking.leaf_layer_axes("adaptive_grad_clip", stacked_fn, path, leaf)
+  shape = leaf.shape
   where = stacking.path_name(path)
-  if layers and leaf.ndim == layers:
+  if layer_axes and len(shape) == len(layer_axes):
     raise ValueError(
-      f"clipx.adaptive_grad_clip: the leaf at {where} (shape {leaf.shape}) has {layers}"
+      f"clipx.adaptive_grad_clip: the leaf at {where} (shape {shape}) has {len(layer_axes)}"
       " layer axes and nothing else: no unit axes are left in a layer."
     )
-  return tuple(layers + a for a in unit_axes(leaf.shape[layers:], axis, path=where))
+  others = stacking.within_layer_axes(len(shape), layer_axes)
+  layer_shape = tuple(shape[i] for i in others)
+  return tuple(others[a] for a in unit_axes(layer_shape, axis, path=where))
 
 
 def check_same_structure(updates: chex.ArrayTree, params: chex.ArrayTree, what: str) -> None:
@@ -549,7 +602,7 @@ def adaptive_grad_clip(
   *,
   eps: float = 1e-3,
   axis: int | tuple[int, ...] | None = None,
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
   axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Unit-wise adaptive gradient clipping (AGC).
@@ -564,12 +617,15 @@ def adaptive_grad_clip(
     eps: the floor of the parameter norm, so zero-initialised parameters
       (biases) can still move.
     axis: the axes a unit reduces over; ``None`` follows Optax's defaults
-      (see :func:`unit_axes`). With ``stacked``, axes of one layer: they
-      count from the first axis after the layer axes.
-    stacked: for scanned models, how many leading axes of a leaf index layers
-      (an int, or a function ``(path, leaf) -> int``): units are then found
-      inside each layer, so a stacked ``(L, in, out)`` kernel has ``L * out``
-      units, exactly as its ``L`` unstacked kernels. ``None`` or 0: none.
+      (see :func:`unit_axes`). With ``stacked``, axes of one layer: of the
+      leaf's shape without its layer axes (``(in, out)`` for a stacked
+      ``(L, in, out)`` or ``(in, L, out)`` kernel).
+    stacked: for scanned models, which axes of a leaf index layers: an int
+      (that many leading axes), a tuple of positions (``(1,)`` for MaxText's
+      ``param_scan_axis=1``) or a function ``(path, leaf) -> int | tuple``,
+      as for :func:`clip_by_layer_norm`. Units are then found inside each
+      layer, so a stacked ``(L, in, out)`` kernel has ``L * out`` units,
+      exactly as its ``L`` unstacked kernels. ``None`` or 0: none.
     axis_name: inside ``shard_map``/``pmap``, the mapped axis the units are
       sharded over: unit norms are then reduced over it with ``psum``.
 

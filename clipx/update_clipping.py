@@ -27,13 +27,14 @@ def group_sizes(
   tree: Any,
   *,
   group: str | transforms.GroupFn = "leaf",
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
   owner: str = "clip_by_block_rms",
 ) -> np.ndarray:
   """The number of elements in each group of ``tree``, in :func:`clip_by_layer_norm`'s order.
 
-  A leaf with layer shape ``(L,)`` adds ``leaf.size // L`` to each of its
-  ``L`` groups; leaves sharing a group (``group="module"``) add up.
+  A leaf with layer shape ``(L,)`` (wherever its layer axis sits) adds
+  ``leaf.size // L`` to each of its ``L`` groups; leaves sharing a group
+  (``group="module"``) add up.
 
   Args:
     tree: a pytree of arrays (or anything with ``.shape``).
@@ -74,7 +75,7 @@ def clip_by_block_rms(
   max_rms: float | jax.Array | optax.Schedule | ThresholdPolicy = 1.0,
   *,
   group: str | transforms.GroupFn = "leaf",
-  stacked: int | stacking.StackedFn | None = None,
+  stacked: stacking.Stacked = None,
 ) -> optax.GradientTransformation:
   """Holds each block's root-mean-square at or below ``max_rms``: Adafactor's update clip.
 
@@ -113,9 +114,11 @@ def clip_by_block_rms(
     group: ``"leaf"`` (each array is a block, as optax and torch), ``"module"``
       (the arrays under one parent path form one block, of their total
       size), or a function from a leaf's key path to a group key.
-    stacked: for scanned models, how many leading axes of a leaf index
-      layers (an int, or a function ``(path, leaf) -> int``); each layer is
-      then its own block, of the per-layer size.
+    stacked: for scanned models, which axes of a leaf index layers (an int:
+      that many leading axes; a tuple of positions such as ``(1,)``,
+      MaxText's ``param_scan_axis=1``; or a function ``(path, leaf) -> int |
+      tuple``, as for :func:`clipx.clip_by_layer_norm`); each layer is then
+      its own block, of the per-layer size.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`clipx.transforms.LayerNormClipState`.
