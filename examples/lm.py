@@ -52,7 +52,7 @@ class LMConfig(NamedTuple):
 
 def _metadata(*names: str | None) -> dict[str, Any]:
   """Sharding metadata (no mesh needed: eager sharding off) for a parameter's axes."""
-  return {"sharding_names": names, "eager_sharding": False}
+  return {"out_sharding": names, "eager_sharding": False}
 
 
 class Attention(nnx.Module):
@@ -261,7 +261,7 @@ def generate(
   """``count`` bytes sampled after ``prompt``, each from the last ``seq_len`` bytes."""
   if not prompt:
     raise ValueError("lm.generate: the prompt must hold at least one byte")
-  buffer = np.zeros(len(prompt) + count, np.int32)
+  buffer = np.zeros(max(len(prompt) + count, seq_len), np.int32)
   buffer[: len(prompt)] = np.frombuffer(prompt, np.uint8)
 
   @jax.jit
@@ -277,4 +277,4 @@ def generate(
   for i in range(count):
     position = len(prompt) + i
     buffer = buffer.at[position].set(step(buffer, position, keys[i]))
-  return bytes(np.asarray(buffer, np.uint8).tobytes())
+  return bytes(np.asarray(buffer[: len(prompt) + count], np.uint8).tobytes())

@@ -9,8 +9,8 @@ large-scale Transformer training instabilities
 - **LR sensitivity**: the mean over the grid of ``min(final loss, initial
   loss)`` minus the best final loss over the grid (validation bits per byte;
   lower is more robust), computed per seed;
-- **stable up to**: the highest learning rate of the grid up to which every
-  run trains, per seed; a run *trains* when its final validation loss is
+- the **highest learning rate that trains**, per seed and on every seed; a run
+  *trains* when its final validation loss is
   finite and at most 10% above the best final loss of its seed over the whole
   sweep (every method and learning rate);
 - the number of loss spikes (``lm_report``'s definition) over the grid;
@@ -77,14 +77,9 @@ def lr_sensitivity(final: np.ndarray, initial: float) -> float:
   return float(np.mean(np.minimum(final, initial)) - np.min(final))
 
 
-def stable_up_to(lrs: Sequence[float], trains: Sequence[bool]) -> float:
-  """The highest learning rate up to which every learning rate trains (0 if the lowest fails)."""
-  highest = 0.0
-  for lr, ok in zip(lrs, trains):
-    if not ok:
-      break
-    highest = lr
-  return highest
+def highest_training_lr(lrs: Sequence[float], trains: Sequence[bool]) -> float:
+  """The highest learning rate whose run trains (0 if none does)."""
+  return max((lr for lr, ok in zip(lrs, trains) if ok), default=0.0)
 
 
 def make_grid_runner(args: argparse.Namespace, clip: str, max_norm: float | None, data, windows):
@@ -168,7 +163,7 @@ def method_runs(
 
 
 def summarize(grid: dict[str, list[dict[str, Any]]], lrs: list[float], seeds: list[int]) -> list:
-  """The results rows: per method, each seed's LR sensitivity, stable-up-to, spikes and best.
+  """The results rows: per method, each seed's LR sensitivity, highest LR that trains, spikes, best.
 
   Marks each run ``trains``: finite, and its final loss within ``TRAINS_WITHIN`` of
   the best final loss of that seed over the whole sweep (every method and rate).
@@ -186,7 +181,7 @@ def summarize(grid: dict[str, list[dict[str, Any]]], lrs: list[float], seeds: li
   for method, runs in grid.items():
     per_seed: dict[str, list[float]] = {
       "lr_sensitivity": [],
-      "stable_lr": [],
+      "max_lr": [],
       "loss_spikes": [],
       "best_bpb": [],
     }
@@ -201,7 +196,7 @@ def summarize(grid: dict[str, list[dict[str, Any]]], lrs: list[float], seeds: li
       for run, value in zip(mine, final):
         run["trains"] = bool(value <= TRAINS_WITHIN * best_of_seed[seed])  # NaN: False
       per_seed["lr_sensitivity"].append(lr_sensitivity(final, mine[0]["initial_bits_per_byte"]))
-      per_seed["stable_lr"].append(stable_up_to(lrs, [r["trains"] for r in mine]))
+      per_seed["max_lr"].append(highest_training_lr(lrs, [r["trains"] for r in mine]))
       per_seed["loss_spikes"].append(sum(len(r["spikes"]) for r in mine))
       per_seed["best_bpb"].append(float(np.nanmin(final)))
     rows.append(
@@ -230,6 +225,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--batch-mode", choices=("vmap", "loop"), default="loop")
   parser.add_argument("--out", default="runs/lm-lr-sweep", help="folder for the results file")
   parser.add_argument("--figure", default=None, help="default: <out>/lm_lr_sweep.png")
+  parser.add_argument(
+    "--from-results", default=None, help="re-summarize this lm-lr-sweep.json's grid; no training"
+  )
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -248,6 +246,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def every_seed(grid: dict[str, list[dict[str, Any]]], lrs: list[float]) -> dict[str, float]:
+  """Per method, the highest learning rate whose runs train on every seed (after ``summarize``)."""
+  return {
+    method: highest_training_lr(
+      lrs, [all(r["trains"] for r in runs if r["lr"] == lr) for lr in lrs]
+    )
+    for method, runs in grid.items()
+  }
+
+
 def results_file(args: argparse.Namespace, corpus, unigram: float, grid: dict, timings: dict):
   """The ``lm-lr-sweep.json`` content for the methods run so far."""
   return {
@@ -260,9 +268,12 @@ def results_file(args: argparse.Namespace, corpus, unigram: float, grid: dict, t
     "seeds": args.seeds,
     "row_header": "method",
     "rows": summarize(grid, args.lrs, args.seeds),
+    "highest_lr_training_on_every_seed": every_seed(grid, args.lrs),
     "learning_rates": args.lrs,
     "settings": {
-      k: v for k, v in vars(args).items() if k not in ("methods", "lrs", "seeds", "out", "figure")
+      k: v
+      for k, v in vars(args).items()
+      if k not in ("methods", "lrs", "seeds", "out", "figure", "from_results", "quiet")
     },
     "corpus": {
       "sha256": corpus.sha256,
@@ -292,6 +303,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   out.mkdir(parents=True, exist_ok=True)
   grid: dict[str, list] = {}
   timings: dict[str, float] = {}
+  if args.from_results:  # the settings and runs of a finished sweep, summarized anew
+    previous = json.loads(Path(args.from_results).read_text())
+    for key, value in previous["settings"].items():
+      if key != "from_results":
+        setattr(args, key, value)
+    args.lrs, args.seeds = previous["learning_rates"], previous["seeds"]
+    grid, timings = previous["grid"], previous["seconds_per_method"]
+    args.methods = []
+    start -= previous.get("wall_seconds", 0.0)
   methods = tqdm(args.methods, disable=args.quiet, desc="methods")
   for method in methods:
     methods.set_postfix(method=method)
@@ -304,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = results_file(args, corpus, unigram, grid, timings)  # written after every method
     (out / "lm-lr-sweep.json").write_text(json.dumps(results, indent=1) + "\n")
   methods.close()
+  results = results_file(args, corpus, unigram, grid, timings)
   results["wall_seconds"] = time.perf_counter() - start
   (out / "lm-lr-sweep.json").write_text(json.dumps(results, indent=1) + "\n")
   figure = Path(args.figure) if args.figure else out / "lm_lr_sweep.png"

@@ -69,7 +69,7 @@ METRICS = {
   "diverged": ("diverged", COUNT),
   "baseline_loss": ("trivial predictor MSE", "{:.3g}"),
   "lr_sensitivity": ("LR sensitivity (bits/byte)", "{:.3f}"),
-  "stable_lr": ("trains up to lr", "{:g}"),
+  "max_lr": ("highest lr that trains", "{:g}"),
   "loss_spikes": ("loss spikes over the grid", "{:.0f}"),
   "best_bpb": ("best bits/byte", "{:.3f}"),
 }

@@ -89,14 +89,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--clip", choices=tuple(CLIPS), default="global", help="clipping method")
   parser.add_argument("--max-norm", type=float, default=None, help="threshold (fixed methods)")
-  parser.add_argument("--lr", type=float, default=3e-3, help="AdamW's peak learning rate")
+  parser.add_argument("--lr", type=float, default=1e-2, help="AdamW's peak learning rate")
   parser.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
   parser.add_argument("--no-warmup", action="store_true", help="start at the peak learning rate")
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--seq-len", type=int, default=128, help="bytes per training window")
+  parser.add_argument("--steps", type=int, default=1500)
+  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--seq-len", type=int, default=64, help="bytes per training window")
   parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--width", type=int, default=128)
+  parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--layer-axis", type=int, choices=(0, 1), default=0, help="1: MaxText's")
   parser.add_argument("--bfloat16", action="store_true", help="activations in bfloat16")
@@ -239,12 +239,9 @@ def make_eval_step(apply_fn: Callable) -> Callable:
   return eval_step
 
 
-def layer_axes(model: lm.Model) -> Any:
+def layer_axes(model: lm.Model | lm.Definition) -> Any:
   """The ``stacked=`` of the per-layer clips, read from the parameters' Flax metadata."""
-  if hasattr(clipx, "layer_axes_from_metadata"):
-    return clipx.layer_axes_from_metadata(model.variables)
-  name = lambda path: clipx.stacking.path_name(path)  # noqa: E731  TEMPORARY
-  return lambda path, leaf: 1 if name(path).startswith("blocks") else 0
+  return clipx.layer_axes_from_metadata(model.variables)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
