@@ -165,7 +165,14 @@ def test_summary_rows_mark_runs_that_train():
 # The scripts.
 
 
-@pytest.mark.parametrize("clip", ["none", "global", "layer", "adagc", "skip_spikes", "block_rms"])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+  "clip",
+  ["global", *(pytest.param(c, marks=SLOW) for c in ("none", "layer", "adagc", "skip_spikes"))]
+  + [pytest.param("block_rms", marks=SLOW)],
+)
 def test_train_lm_runs_and_writes_the_metrics(tmp_path, clip):
   results = train_lm.main([*TINY, "--clip", clip, "--out", str(tmp_path)])
   written = json.loads((tmp_path / "metrics.json").read_text())
@@ -193,6 +200,7 @@ def test_train_lm_refuses_nonsense(flags, capsys):
     train_lm.parse_args(flags)
 
 
+@pytest.mark.slow
 def test_the_sweep_writes_a_results_file(tmp_path):
   results = lm_sweep.main(
     ["--methods", "none,global 1.0", "--lrs", "1e-2,1e-1", "--seeds", "0,1,2", "--steps", "4"]
