@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import clipx  # noqa: E402
-from examples import reporting, train_cnn  # noqa: E402
+from examples import cli, reporting, train_cnn  # noqa: E402
 
 # Name -> policy with its default settings (the fixed 1.0 is train_cnn's default).
 POLICIES: dict[str, Callable[[], clipx.ThresholdPolicy]] = {
@@ -57,10 +57,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument(
     "--trace", default=None, help="a train_cnn.py metrics.json to replay instead of training"
   )
-  parser.add_argument("--lr", type=float, default=0.05)
-  parser.add_argument("--inject-spikes", type=int, default=50, metavar="N")
-  parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--lr", type=cli.positive_float, default=0.05)
+  parser.add_argument("--inject-spikes", type=cli.nonnegative_int, default=50, metavar="N")
+  parser.add_argument("--epochs", type=cli.positive_int, default=10)
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
   parser.add_argument("--out", default="runs/adaptive_thresholds", help="folder for the outputs")
   return parser.parse_args(argv)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import lm_report, train_lm  # noqa: E402
+from examples import cli, lm_report, train_lm  # noqa: E402
 
 SWEEP_FLAGS = ["--layers", "4", "--width", "64", "--seq-len", "64", "--batch-size", "16"]
 SWEEP_FLAGS += ["--steps", "500", "--no-warmup", "--sample-bytes", "1", "--quiet"]
@@ -34,10 +34,12 @@ SWEEP_FLAGS += ["--steps", "500", "--no-warmup", "--sample-bytes", "1", "--quiet
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--lr", type=float, default=0.3)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--lr", type=cli.positive_float, default=0.3)
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
   parser.add_argument("--clips", default="global,adagc", help="methods beside --clip none")
-  parser.add_argument("--span", type=int, default=60, help="steps drawn each side of the spike")
+  parser.add_argument(
+    "--span", type=cli.positive_int, default=60, help="steps drawn each side of the spike"
+  )
   parser.add_argument("--figure", default="runs/lm-spike/lm_spike.png")
   return parser.parse_args(argv)
 

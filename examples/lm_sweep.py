@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import lm, lm_data, lm_report, reproduce, train_lm  # noqa: E402
+from examples import cli, lm, lm_data, lm_report, reproduce, train_lm  # noqa: E402
 
 # Sweep name -> (train_lm --clip, --max-norm or None for its default).
 METHODS: dict[str, tuple[str, float | None]] = {
@@ -223,13 +223,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--methods", default=",".join(METHODS), help=f"of: {', '.join(METHODS)}")
   parser.add_argument("--lrs", default=DEFAULT_LRS, help="comma-separated learning rates")
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--steps", type=int, default=500)
-  parser.add_argument("--warmup-steps", type=int, default=0, help="0: no warm-up")
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--seq-len", type=int, default=64)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--width", type=int, default=64)
-  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--steps", type=cli.positive_int, default=500)
+  parser.add_argument("--warmup-steps", type=cli.nonnegative_int, default=0, help="0: no warm-up")
+  parser.add_argument("--batch-size", type=cli.positive_int, default=16)
+  parser.add_argument("--seq-len", type=cli.positive_int, default=64)
+  parser.add_argument("--layers", type=cli.positive_int, default=4)
+  parser.add_argument("--width", type=cli.positive_int, default=64)
+  parser.add_argument("--heads", type=cli.positive_int, default=4)
   parser.add_argument("--layer-axis", type=int, choices=(0, 1), default=0)
   parser.add_argument("--bfloat16", action="store_true")
   parser.add_argument("--batch-mode", choices=("vmap", "loop"), default="loop")

@@ -25,15 +25,17 @@ from pathlib import Path
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import rnn_report, train_rnn  # noqa: E402
+from examples import cli, rnn_report, train_rnn  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="runs/rnn_cliff", help="folder for rnn_cliff.png")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
   parser.add_argument("--clip", default="global", help="the clipped run's --clip")
-  parser.add_argument("--steps", type=int, default=None, help="default: train_rnn.py's")
+  parser.add_argument(
+    "--steps", type=cli.positive_int, default=None, help="default: train_rnn.py's"
+  )
   args = parser.parse_args(argv)
   settings = {} if args.steps is None else {"steps": args.steps}
   runs = train_rnn.run_seeds([args.seed], ("none", args.clip), **settings)

@@ -34,7 +34,7 @@ import numpy as np
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import train_rnn  # noqa: E402
+from examples import cli, train_rnn  # noqa: E402
 from examples.train_cnn import json_safe  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--seq-lens", type=floats, default=[20, 50])
   parser.add_argument("--seeds", type=floats, default=[0, 1, 2])
   parser.add_argument("--cell", default=defaults.cell)
-  parser.add_argument("--steps", type=int, default=defaults.steps)
+  parser.add_argument("--steps", type=cli.positive_int, default=defaults.steps)
   parser.add_argument("--clip", default="global", help="the clipped run's --clip")
   parser.add_argument("--out", default="runs/rnn_sweep")
   return parser.parse_args(argv)

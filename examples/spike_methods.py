@@ -32,6 +32,7 @@ there the unclipped RNN fails (seed 0: test MSE 0.19, the trivial predictor's
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -48,8 +49,9 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import cnn, data, rnn, train_cnn, train_rnn  # noqa: E402
+from examples import cli, cnn, data, rnn, train_cnn, train_rnn  # noqa: E402
 from examples.placement import Placement  # noqa: E402
+from examples.reporting import json_safe  # noqa: E402
 
 # Method -> (where it goes: "gradient" before adam, "update" after scale_by_adam, or None; its
 # clipx transform at the authors' default settings).
@@ -84,16 +86,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--task", choices=("cnn", "rnn"), default="cnn")
   parser.add_argument(
-    "--lr", type=float, default=None, help="Adam's learning rate (peak); cnn 0.01, rnn 0.003"
+    "--lr",
+    type=cli.positive_float,
+    default=None,
+    help="Adam's learning rate (peak); cnn 0.01, rnn 0.003",
   )
-  parser.add_argument("--epochs", type=int, default=10, help="cnn: epochs")
-  parser.add_argument("--batch-size", type=int, default=8, help="cnn: batch size")
+  parser.add_argument("--epochs", type=cli.positive_int, default=10, help="cnn: epochs")
+  parser.add_argument("--batch-size", type=cli.positive_int, default=8, help="cnn: batch size")
   parser.add_argument(
-    "--inject-spikes", type=int, default=50, metavar="N", help="cnn: inputs x100 every N-th batch"
+    "--inject-spikes",
+    type=cli.nonnegative_int,
+    default=50,
+    metavar="N",
+    help="cnn: inputs x100 every N-th batch",
   )
-  parser.add_argument("--steps", type=int, default=10000, help="rnn: training steps")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quiet", action="store_true")
+  parser.add_argument("--steps", type=cli.positive_int, default=10000, help="rnn: training steps")
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+  parser.add_argument("--out", default=None, help="write spike_methods.json here")
+  parser.add_argument("--quiet", action="store_true", help="only the result lines")
   args = parser.parse_args(argv)
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   unknown = [m for m in args.methods if m not in METHODS]
@@ -201,14 +211,24 @@ def run(args: argparse.Namespace, dataset=None) -> dict[str, dict[str, Any]]:
     else:
       results[method] = r = train_adding(args, method)
       line = f"test MSE {r['test_loss']:.4g}" + (" (solved)" if r["solved"] else "")
-    if not args.quiet:
-      print(
-        f"{method:>24}: {line}, clip rate {r['clip_rate']:.2f}"
-        + (" (diverged)" if r["diverged"] else "")
-        + f", {time.perf_counter() - start:.0f} s",
-        flush=True,
-      )
+    print(
+      f"{method:>24}: {line}, clip rate {r['clip_rate']:.2f}"
+      + (" (diverged)" if r["diverged"] else "")
+      + ("" if args.quiet else f", {time.perf_counter() - start:.0f} s"),
+      flush=True,
+    )
+  if args.out is not None:
+    write_results(Path(args.out), args, results)
   return results
+
+
+def write_results(out: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+  """``spike_methods.json`` in ``out``: the settings and each method's result."""
+  out.mkdir(parents=True, exist_ok=True)
+  config = {k: v for k, v in vars(args).items() if k not in ("quiet", "out")}
+  with open(out / "spike_methods.json", "w") as f:
+    json.dump(json_safe({"config": config, "results": results}), f, indent=2)
+  print(f"wrote {out / 'spike_methods.json'}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

@@ -37,7 +37,7 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import data, reporting, threshold_sweep, train_cnn  # noqa: E402
+from examples import cli, data, reporting, threshold_sweep, train_cnn  # noqa: E402
 
 EXPERIMENTS = ("high-lr", "spikes")
 
@@ -58,21 +58,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default=",".join(available_policies()),
     help="comma-separated adaptive policies to compare",
   )
-  parser.add_argument("--lr", type=float, default=0.3, help="high-lr: the too-high rate")
-  parser.add_argument("--epochs", type=int, default=4, help="high-lr: epochs")
+  parser.add_argument(
+    "--lr", type=cli.positive_float, default=0.3, help="high-lr: the too-high rate"
+  )
+  parser.add_argument("--epochs", type=cli.positive_int, default=4, help="high-lr: epochs")
   parser.add_argument(
     "--thresholds",
     default="0.1,0.3,1,3",
     help="high-lr: the fixed global-norm thresholds to compare",
   )
-  parser.add_argument("--spike-lr", type=float, default=0.05)
-  parser.add_argument("--spike-every", type=int, default=50, help="--inject-spikes N")
-  parser.add_argument("--spike-epochs", type=int, default=10)
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--spike-lr", type=cli.positive_float, default=0.05)
+  parser.add_argument("--spike-every", type=cli.positive_int, default=50, help="--inject-spikes N")
+  parser.add_argument("--spike-epochs", type=cli.positive_int, default=10)
+  parser.add_argument("--batch-size", type=cli.positive_int, default=8)
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
   parser.add_argument("--dataset", choices=data.DATASETS, default="digits")
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--max-steps", type=int, default=0, help="stop every run after N steps")
+  parser.add_argument(
+    "--max-steps", type=cli.nonnegative_int, default=0, help="stop every run after N steps"
+  )
   parser.add_argument("--out", default="runs/stability", help="folder for the plots and the json")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)

@@ -47,7 +47,7 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import cnn, data, reporting, train_cnn  # noqa: E402
+from examples import cli, cnn, data, reporting, train_cnn  # noqa: E402
 
 MODES = ("loop", "vmap")
 
@@ -62,9 +62,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     description="Sweep the global-norm clipping threshold: accuracy and clip rate vs threshold.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument("--thresholds", type=int, default=12, help="how many, log-spaced")
-  parser.add_argument("--min-threshold", type=float, default=0.01)
-  parser.add_argument("--max-threshold", type=float, default=100.0)
+  parser.add_argument(
+    "--thresholds", type=cli.positive_int, default=12, help="how many, log-spaced"
+  )
+  parser.add_argument("--min-threshold", type=cli.positive_float, default=0.01)
+  parser.add_argument("--max-threshold", type=cli.positive_float, default=100.0)
   parser.add_argument("--no-unclipped", action="store_true", help="leave out the unclipped run")
   parser.add_argument(
     "--mode",
@@ -73,15 +75,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help="loop: models take turns on one compiled step; vmap: one vmapped program for all;"
     " both: measure the two side by side",
   )
-  parser.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (peak)")
-  parser.add_argument("--momentum", type=float, default=0.9)
+  parser.add_argument("--lr", type=cli.positive_float, default=1.0, help="SGD learning rate (peak)")
+  parser.add_argument("--momentum", type=cli.fraction, default=0.9)
   parser.add_argument("--schedule", choices=("late-decay", "constant"), default="late-decay")
-  parser.add_argument("--epochs", type=int, default=3)
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--epochs", type=cli.positive_int, default=3)
+  parser.add_argument("--batch-size", type=cli.positive_int, default=32)
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
   parser.add_argument("--dataset", choices=data.DATASETS, default="digits")
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
+  parser.add_argument(
+    "--max-steps", type=cli.nonnegative_int, default=0, help="stop after this many steps"
+  )
   parser.add_argument("--out", default="runs/threshold_sweep", help="folder for the png and json")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import data  # noqa: E402
+from examples import cli, data  # noqa: E402
 
 # The first seven are the documented contract; ema_ratio and quantile are the
 # other adaptive policies clipx offers, all with their default settings.
@@ -36,11 +36,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--clip", choices=CLIPS, default="global", help="clipping method")
   parser.add_argument(
     "--max-norm",
-    type=float,
+    type=cli.positive_float,
     help="the bound: a norm (global, layer), an element (value), a gradient/parameter ratio"
     f" (agc); defaults {DEFAULT_MAX_NORM}; the adaptive policies learn theirs",
   )
-  parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (peak)")
+  parser.add_argument(
+    "--lr", type=cli.positive_float, default=0.01, help="SGD learning rate (peak)"
+  )
   parser.add_argument(
     "--schedule",
     choices=("late-decay", "constant"),
@@ -48,16 +50,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help="learning rate: constant, or late-decay: --lr for the first 60%% of the steps, then"
     " a cosine decay to 0",
   )
-  parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-  parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument("--batch-size", type=int, default=8)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--momentum", type=cli.fraction, default=0.9, help="SGD momentum")
+  parser.add_argument("--epochs", type=cli.positive_int, default=10)
+  parser.add_argument("--batch-size", type=cli.positive_int, default=8)
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
   parser.add_argument("--dataset", choices=data.DATASETS, default="digits")
   parser.add_argument("--data-dir", default=None, help="folder of the mnist/cifar10 files")
   parser.add_argument("--out", default=None, help="write metrics.json, metrics.csv, training.png")
   parser.add_argument(
     "--inject-spikes",
-    type=int,
+    type=cli.nonnegative_int,
     default=0,
     metavar="N",
     help=f"multiply the inputs of every N-th training batch by {SPIKE_FACTOR:g} (0: never)",
@@ -66,7 +68,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "--tensorboard", action="store_true", help="also log to DIR/tensorboard (needs tensorboardX)"
   )
   parser.add_argument(
-    "--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)"
+    "--max-steps",
+    type=cli.nonnegative_int,
+    default=0,
+    help="stop after this many steps (0: no limit)",
   )
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)

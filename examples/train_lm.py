@@ -56,7 +56,7 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import lm, lm_data, lm_report  # noqa: E402
+from examples import cli, lm, lm_data, lm_report  # noqa: E402
 
 # --clip -> where it goes ("gradient": before AdamW; "update": after Adam's preconditioner;
 # "wrap": around AdamW) and its default --max-norm (None: an adaptive policy or none).
@@ -88,20 +88,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument("--clip", choices=tuple(CLIPS), default="global", help="clipping method")
-  parser.add_argument("--max-norm", type=float, default=None, help="threshold (fixed methods)")
-  parser.add_argument("--lr", type=float, default=1e-2, help="AdamW's peak learning rate")
-  parser.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
+  parser.add_argument(
+    "--max-norm", type=cli.positive_float, default=None, help="threshold (fixed methods)"
+  )
+  parser.add_argument(
+    "--lr", type=cli.positive_float, default=1e-2, help="AdamW's peak learning rate"
+  )
+  parser.add_argument(
+    "--warmup-steps", type=cli.nonnegative_int, default=None, help="default: 10%% of --steps"
+  )
   parser.add_argument("--no-warmup", action="store_true", help="start at the peak learning rate")
-  parser.add_argument("--steps", type=int, default=1500)
-  parser.add_argument("--batch-size", type=int, default=16)
-  parser.add_argument("--seq-len", type=int, default=64, help="bytes per training window")
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--width", type=int, default=64)
-  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--steps", type=cli.positive_int, default=1500)
+  parser.add_argument("--batch-size", type=cli.positive_int, default=16)
+  parser.add_argument(
+    "--seq-len", type=cli.positive_int, default=64, help="bytes per training window"
+  )
+  parser.add_argument("--layers", type=cli.positive_int, default=4)
+  parser.add_argument("--width", type=cli.positive_int, default=64)
+  parser.add_argument("--heads", type=cli.positive_int, default=4)
   parser.add_argument("--layer-axis", type=int, choices=(0, 1), default=0, help="1: MaxText's")
   parser.add_argument("--bfloat16", action="store_true", help="activations in bfloat16")
-  parser.add_argument("--seed", type=int, default=0, help="initialisation and batches")
-  parser.add_argument("--sample-bytes", type=int, default=240, help="bytes of generated text")
+  parser.add_argument(
+    "--seed", type=cli.nonnegative_int, default=0, help="initialisation and batches"
+  )
+  parser.add_argument(
+    "--sample-bytes", type=cli.positive_int, default=240, help="bytes of generated text"
+  )
   parser.add_argument("--out", default=None, help="write metrics.json and training.png here")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)

@@ -46,7 +46,7 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import rnn, rnn_report, train_cnn  # noqa: E402
+from examples import cli, rnn, rnn_report, train_cnn  # noqa: E402
 
 SOLVED_FRACTION = 0.1  # solved: test MSE below this fraction of the trivial predictor's
 TEST_SIZE = 1024  # held-out sequences, drawn with their own fixed seed
@@ -62,17 +62,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument("--cell", choices=rnn.CELLS, default="rnn", help="tanh RNN or LSTM")
-  parser.add_argument("--seq-len", type=int, default=50, help="length of each sequence")
-  parser.add_argument("--hidden-size", type=int, default=64)
+  parser.add_argument(
+    "--seq-len", type=cli.positive_int, default=50, help="length of each sequence"
+  )
+  parser.add_argument("--hidden-size", type=cli.positive_int, default=64)
   parser.add_argument("--clip", choices=train_cnn.CLIPS, default="global", help="clipping method")
   parser.add_argument(
-    "--max-norm", type=float, default=None, help="threshold (default: as in train_cnn.py)"
+    "--max-norm",
+    type=cli.positive_float,
+    default=None,
+    help="threshold (default: as in train_cnn.py)",
   )
-  parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
-  parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-  parser.add_argument("--steps", type=int, default=10000, help="training steps (fresh batches)")
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--seed", type=int, default=0, help="initialisation and training data")
+  parser.add_argument("--lr", type=cli.positive_float, default=0.01, help="SGD learning rate")
+  parser.add_argument("--momentum", type=cli.fraction, default=0.9, help="SGD momentum")
+  parser.add_argument(
+    "--steps", type=cli.positive_int, default=10000, help="training steps (fresh batches)"
+  )
+  parser.add_argument("--batch-size", type=cli.positive_int, default=32)
+  parser.add_argument(
+    "--seed", type=cli.nonnegative_int, default=0, help="initialisation and training data"
+  )
   parser.add_argument("--out", default=None, help="write metrics.json, metrics.csv, training.png")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
