@@ -26,10 +26,12 @@ named in ``METRICS`` get their column header and format.
 
 Examples::
 
-  python examples/reproduce.py                       # everything, seeds 0,1,2
-  python examples/reproduce.py --only stability-spikes --seeds 0,1,2,3,4
-  python examples/reproduce.py --tables-only         # re-render from results/*.json
-  python examples/reproduce.py --tables-only --sync-docs  # and paste them into the README
+  python examples/reproduce.py --out results        # everything, seeds 0,1,2
+  python examples/reproduce.py --only stability-spikes --seeds 0,1,2,3,4  # into runs/results
+  python examples/reproduce.py --out results --tables-only  # re-render from results/*.json
+  python examples/reproduce.py --out results --tables-only --sync-docs  # and into the README
+
+Without ``--out`` it writes under ``runs/results``, never over the committed files.
 """
 
 from __future__ import annotations
@@ -428,12 +430,16 @@ def sync_documents(documents: Sequence[Path], results_dir: Path = RESULTS) -> li
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-    description="Rerun the README's trained figures over several seeds; write results/.",
+    description="Rerun the README's trained figures over several seeds.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument("--only", default="", help=f"comma-separated, of: {', '.join(REGISTRY)}")
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (at least 3)")
-  parser.add_argument("--out", default=str(RESULTS), help="folder of the results files")
+  parser.add_argument(
+    "--out",
+    default="runs/results",
+    help="folder of the results files (the committed ones: --out results)",
+  )
   parser.add_argument(
     "--tables-only", action="store_true", help="re-render the tables from the results files"
   )

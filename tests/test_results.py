@@ -54,7 +54,7 @@ def test_readme_blocks_match_the_results_files():
       assert name in expected, f"{document.name}: no results/{name}.json for block {name}"
       assert text == expected[name], (
         f"{document.name}: block {name} differs from results/{name}.json;"
-        " paste `python examples/reproduce.py --tables-only` output"
+        " run `python examples/reproduce.py --out results --tables-only --sync-docs`"
       )
       found[name] = document.name
   # Every experiment's table is quoted in the README, with the machine it ran on.
@@ -88,3 +88,9 @@ def test_fewer_than_three_seeds_is_refused(capsys):
   with pytest.raises(SystemExit):
     reproduce.parse_args(["--seeds", "0,1"])
   assert "at least 3" in capsys.readouterr().err
+
+
+def test_reproduce_writes_under_runs_unless_told_results():
+  # Scripts never write over tracked files by default; the committed files need --out results.
+  assert reproduce.parse_args([]).out == "runs/results"
+  assert reproduce.parse_args(["--out", "results"]).out == "results"
