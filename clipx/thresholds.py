@@ -339,14 +339,16 @@ def zclip(
   i.e. ``norm > mu + z_threshold * std``; otherwise it is not clipped and the
   returned threshold is that bound. A spike is clipped to
 
-  - ``mode="reciprocal"`` (the paper's default): ``mu + z_threshold**2 * std / z``,
-    so the larger the outlier, the closer to the mean it is pulled;
-  - ``mode="clip_to_max"``: ``mu + z_threshold * std``, the largest norm that
-    is not a spike.
+  - ``mode="reciprocal"`` (the paper's default; the authors' ``mode="zscore",
+    clip_option="adaptive_scaling"``): ``mu + z_threshold**2 * std / z``, so
+    the larger the outlier, the closer to the mean it is pulled;
+  - ``mode="clip_to_max"`` (the authors' ``mode="percentile"``):
+    ``mu + z_threshold * std``, the largest norm that is not a spike.
 
-  The statistics are then updated with the *clipped* norm (``mu`` first, and
-  ``var`` with the deviation from the new ``mu``, as in the authors' code), so
-  a spike moves them no more than a norm at the bound would.
+  The statistics are then updated with the norm clipped by this adaptive
+  threshold, not by ``max_threshold`` (``mu`` first, and ``var`` with the
+  deviation from the new ``mu``, as in the authors' code), so a spike moves
+  them no more than a norm at the bound would.
 
   ZClip follows the norm: a norm that grows steadily (a learning rate that is
   simply too high) is never a spike, so it is not held down. Use it as a
@@ -356,10 +358,18 @@ def zclip(
   Warm-up: the first ``warmup_steps`` recorded norms set ``mu`` and ``var``
   to their mean and population variance (no buffer is kept: a running
   Welford update); meanwhile the threshold is ``initial``. Non-finite and
-  zero norms are not recorded. Unlike the authors' code there is no ``eps``
-  in the z-score: the spike test is written as ``norm > mu + z_threshold * std``,
-  which needs no division, so tiny per-layer norms are not distorted by an
-  absolute epsilon.
+  zero norms are not recorded (the authors' code records every norm, so one
+  NaN poisons its statistics for good).
+
+  Against the authors' code: the defaults (``alpha``, ``z_threshold``,
+  ``warmup_steps``, the reciprocal mode) are theirs, and with
+  ``max_threshold=1.0`` (their ``max_grad_norm``) the clip and the statistics
+  match theirs to float32 rounding (``tests/test_zclip_reference.py``). Not
+  offered: their ``clip_option="mean"``, ``clip_factor`` (default 1.0, which
+  is what runs here) and ``skip_update_on_spike`` (default off, as here). And
+  there is no ``eps`` in the z-score: the spike test is written as
+  ``norm > mu + z_threshold * std``, which needs no division, so tiny
+  per-layer norms are not distorted by an absolute epsilon (theirs is 1e-6).
 
   Args:
     z_threshold: the z-score above which a norm is a spike, > 0; may be
@@ -371,14 +381,20 @@ def zclip(
     max_threshold: an upper cap on the threshold at every step, warm-up
       included, > 0. The default ``inf`` sets no cap; the authors' code caps
       at ``max_grad_norm=1.0`` by default, so ``zclip(max_threshold=1.0)``
-      matches it. The statistics see the norm clipped by the capped threshold.
+      matches it. As there, the cap bounds only the clip applied: the
+      statistics never see it, so they keep following the norm while the cap
+      binds.
 
   Returns:
     A :class:`ThresholdPolicy` whose state is :class:`ZClipState`.
 
   References:
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-    <https://arxiv.org/abs/2504.02507>`_, 2025.
+    <https://arxiv.org/abs/2504.02507>`_, 2025; the authors' code is
+    ``zclip/zclip.py`` of `bluorion-com/ZClip
+    <https://github.com/bluorion-com/ZClip>`_ (last changed in commit
+    ``e42cdd1ce92cd5da5148d184819f4b13c7fe5b1a``, the file PyPI ``zclip``
+    1.0.0 ships).
 
   Example:
     >>> import jax, jax.numpy as jnp, clipx
@@ -419,14 +435,16 @@ def zclip(
       spike_threshold = state.mean + z * z * state.var / excess
     else:
       spike_threshold = bound
-    threshold = jnp.where(
+    adaptive = jnp.where(
       warm, jnp.where(spike, spike_threshold, bound), jnp.asarray(initial, dtype)
     )
-    threshold = _capped(threshold, max_threshold)
+    threshold = _capped(adaptive, max_threshold)
 
-    # After warm-up the statistics see the norm as clipped, so a spike cannot
-    # inflate the bound that is meant to catch the next one.
-    effective = jnp.where(warm, jnp.minimum(x, threshold), x)
+    # After warm-up the statistics see the norm as clipped by the adaptive
+    # threshold, so a spike cannot inflate the bound that is meant to catch the
+    # next one; the cap is left out, as in the authors' code, so a cap that
+    # binds on every step does not hold the statistics at the cap.
+    effective = jnp.where(warm, jnp.minimum(x, adaptive), x)
     ema_mean = decay * state.mean + (1 - decay) * effective
     ema_var = decay * state.var + (1 - decay) * jnp.square(effective - ema_mean)
     seen = (state.count + 1).astype(dtype)
