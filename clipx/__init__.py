@@ -17,7 +17,13 @@ from clipx.layer_metadata import layer_axes_from_metadata
 from clipx.norms import global_norm
 from clipx.per_example import PerExampleClipState, PerExampleGrad, clipped_grad
 from clipx.presets import adagc
-from clipx.privacy import AddNoiseState, add_noise
+from clipx.privacy import (
+  AddNoiseState,
+  PrivateQuantileState,
+  add_noise,
+  gradient_noise_multiplier,
+  private_quantile,
+)
 from clipx.rescaling import (
   EmaPeakState,
   LayerNormalizeState,
@@ -58,7 +64,7 @@ from clipx.transforms import (
 )
 from clipx.update_clipping import clip_by_block_rms
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml and CHANGELOG.md follow it
 
 __all__ = [
   "AdaptiveGradClipState",
@@ -74,6 +80,7 @@ __all__ = [
   "OutlierRescaleState",
   "PerExampleClipState",
   "PerExampleGrad",
+  "PrivateQuantileState",
   "QuantileState",
   "SkipNonfiniteState",
   "SkipSpikesState",
@@ -99,9 +106,11 @@ __all__ = [
   "ema_peak",
   "ema_ratio",
   "global_norm",
+  "gradient_noise_multiplier",
   "layer_axes_from_metadata",
   "layer_groups",
   "normalize_by_layer_norm",
+  "private_quantile",
   "quantile",
   "rescale_outliers",
   "skip_nonfinite",

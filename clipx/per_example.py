@@ -43,6 +43,7 @@ import optax
 from jax import lax
 
 from clipx import norms, scaling, validation
+from clipx.privacy import PrivateQuantileState
 from clipx.stats import ClipStats
 from clipx.thresholds import QuantileState, ScheduleState, as_policy
 from clipx.transforms import GROUP_MODES, GroupFn, Threshold, layer_groups
@@ -51,7 +52,7 @@ from clipx.transforms import GROUP_MODES, GroupFn, Threshold, layer_groups
 # state alone fixes it. That is what lets a chunk clip its examples before the
 # rest of the batch has been seen (a percentile or z-score of this batch's
 # norms would need every per-example gradient held at once, or computed twice).
-_BATCH_POLICY_STATES = (optax.EmptyState, ScheduleState, QuantileState)
+_BATCH_POLICY_STATES = (optax.EmptyState, ScheduleState, QuantileState, PrivateQuantileState)
 
 
 class PerExampleClipState(NamedTuple):
@@ -303,7 +304,7 @@ class PerExampleGrad:
     """``(grads, stats)``, or ``(grads, stats, state)`` when ``state`` is passed."""
     if state is None and not self._stateless:
       raise ValueError(
-        "clipx.clipped_grad: this threshold keeps state (a schedule or clipx.quantile);"
+        "clipx.clipped_grad: this threshold keeps state (a schedule or a quantile policy);"
         " create it with state = grad_fn.init(params) and call"
         " grads, stats, state = grad_fn(params, batch, state)."
       )
@@ -457,11 +458,13 @@ def clipped_grad(
 
   The threshold must be known before the batch's norms are (so a chunk can be
   clipped before the next is computed): a float, an array (per group), a
-  schedule, or :func:`clipx.quantile`, whose update takes the whole batch of
-  per-example norms. Other policies raise ``TypeError``. With
-  :func:`clipx.quantile` the threshold moves with the exact fraction of
-  examples left unclipped, which is not private: Andrew et al. add noise to
-  that count, and its privacy cost must be accounted for separately.
+  schedule, :func:`clipx.quantile` or :func:`clipx.private_quantile`, whose
+  update takes the whole batch of per-example norms. Other policies raise
+  ``TypeError``. With :func:`clipx.quantile` the threshold moves with the
+  exact fraction of examples left unclipped, which is not private; for DP-SGD
+  use :func:`clipx.private_quantile`, which adds noise to that count (Andrew
+  et al.), and give :func:`clipx.add_noise` the multiplier
+  :func:`clipx.gradient_noise_multiplier` returns.
 
   Args:
     loss_fn: ``loss_fn(params, example) -> loss`` (a float scalar), or
@@ -532,6 +535,11 @@ def clipped_grad(
     raise TypeError(
       f"clipx.clipped_grad: a {type(probe).__name__} threshold needs the norms of the"
       " batch before it is known; per-example clipping takes a float, an array, an"
-      " Optax schedule or clipx.quantile(...)."
+      " Optax schedule, clipx.quantile(...) or clipx.private_quantile(...)."
+    )
+  if isinstance(probe, PrivateQuantileState) and group is not None:
+    raise ValueError(
+      f"clipx.clipped_grad: group must be None with clipx.private_quantile (one private"
+      f" count, one bound for the whole gradient), got {group!r}."
     )
   return PerExampleGrad(loss_fn, policy, group, chunk_size, bool(has_aux), conv_as_matmul)

@@ -4,8 +4,8 @@ Reads top to bottom: flags, data, model, the per-example clipped gradient
 (:func:`clipx.clipped_grad`) and the noise (:func:`clipx.add_noise`) in front
 of SGD-momentum, one jitted ``train_step`` and ``eval_step``, the loop, and
 the report: test accuracy, and the privacy budget epsilon at ``--delta``
-computed with Google's ``dp-accounting`` (``pip install "clipx[dp]"``;
-without it the run trains and says how to get epsilon).
+computed with Google's ``dp-accounting`` (``pip install -e ".[dp]"`` in the
+clone; without it the run trains and says how to get epsilon).
 
 DP-SGD (Abadi et al. 2016, https://arxiv.org/abs/1607.00133), as analysed:
 
@@ -22,6 +22,15 @@ DP-SGD (Abadi et al. 2016, https://arxiv.org/abs/1607.00133), as analysed:
   constant), and Gaussian noise of std ``noise_multiplier * max_norm /
   batch_size`` is added. Momentum and the learning rate act on the noisy
   mean afterwards (post-processing: no privacy cost).
+- With ``--adaptive`` the bound is learned privately
+  (:func:`clipx.private_quantile`, Andrew et al. 2021,
+  https://arxiv.org/abs/1905.03871): ``--max-norm`` is its start, and it
+  moves toward the ``--target-quantile`` of the norms by a count of unclipped
+  examples with Gaussian noise of std ``--count-noise``. That count is a
+  second release; :func:`clipx.gradient_noise_multiplier` raises the
+  gradient's noise so that the pair is exactly as private as one Gaussian
+  mechanism with ``--noise-multiplier`` (their Theorem 1), and the accountant
+  is told ``--noise-multiplier``.
 
 The sampling uses NumPy's generator seeded by ``--seed``: fine for a demo,
 not for a deployment, where the sampling and the noise need a
@@ -37,6 +46,7 @@ Examples::
 
   python examples/dp_train_cnn.py
   python examples/dp_train_cnn.py --noise-multiplier 2.0 --epochs 40
+  python examples/dp_train_cnn.py --adaptive --target-quantile 0.5
   python examples/dp_train_cnn.py --dataset mnist --data-dir ~/data/mnist --batch-size 256
 """
 
@@ -48,6 +58,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +91,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--max-norm", type=float, default=1.0, help="per-example clipping bound")
   parser.add_argument("--noise-multiplier", type=float, default=1.0, help="noise std / max-norm")
   parser.add_argument("--delta", type=float, default=1e-5, help="the delta epsilon is reported at")
+  parser.add_argument(
+    "--adaptive",
+    action="store_true",
+    help="learn the bound privately (clipx.private_quantile), starting at --max-norm",
+  )
+  parser.add_argument(
+    "--target-quantile", type=float, default=0.5, help="fraction of examples left unclipped"
+  )
+  parser.add_argument(
+    "--clip-lr", type=float, default=0.2, help="learning rate of the bound's geometric update"
+  )
+  parser.add_argument(
+    "--count-noise",
+    type=float,
+    default=None,
+    help="std of the noise on the unclipped count (default: batch size / 20, as Andrew et al.)",
+  )
   parser.add_argument("--lr", type=float, default=0.03, help="SGD learning rate")
   parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
   parser.add_argument(
@@ -97,6 +125,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.error("--max-norm must be > 0, --noise-multiplier >= 0 and --delta in (0, 1)")
   if args.chunk_size < 0:
     parser.error("--chunk-size must be >= 0")
+  if args.count_noise is None:
+    args.count_noise = args.batch_size / 20
+  if args.adaptive:
+    if not 0 < args.target_quantile < 1 or not args.clip_lr > 0:
+      parser.error("--target-quantile must be in (0, 1) and --clip-lr > 0")
+    if not 2 * args.count_noise > args.noise_multiplier:
+      parser.error(
+        "--count-noise must be > --noise-multiplier / 2: the count's noise alone would"
+        " spend the whole privacy budget"
+      )
   return args
 
 
@@ -121,7 +159,8 @@ def privacy_epsilon(
   except ImportError:
     print(
       "epsilon: not computed, dp-accounting is not installed."
-      ' Install the dp extra: pip install "clipx[dp]" (or pip install dp-accounting).'
+      ' From the clone, install the dp extra: pip install -e ".[dp]" (or pip install'
+      " dp-accounting)."
     )
     return None
   if noise_multiplier == 0:
@@ -157,23 +196,26 @@ def make_train_step(
   tx: optax.GradientTransformation,
   rescale: float,
 ) -> Callable:
-  """One DP-SGD step: ``(params, opt_state, images, labels, weights) -> (params, opt_state, m)``."""
+  """One DP-SGD step: ``(params, clip_state, opt_state, images, labels, weights)`` in,
+  the three states and the metrics out."""
 
-  def train_step(params, opt_state, images, labels, weights):
-    grads, stats = grad_fn(params, (images, labels, weights))
+  def train_step(params, clip_state, opt_state, images, labels, weights):
+    grads, stats, clip_state = grad_fn(params, (images, labels, weights), clip_state)
     # grad_fn averages over the max_batch rows; DP-SGD divides the clipped sum
     # by the expected batch size, the constant add_noise was told.
     grads = jax.tree.map(lambda g: g * rescale, grads)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    # The noise follows the bound this batch was clipped to (it moves with --adaptive).
+    updates, opt_state = tx.update(grads, opt_state, params, max_norm=stats.threshold)
     used = jnp.maximum(jnp.sum(weights), 1)
     metrics = {
       "examples": jnp.sum(weights),
       "clipped": jnp.sum(stats.clipped * weights) / used,
       "norm": jnp.sum(stats.norm * weights) / used,
+      "threshold": stats.threshold,
     }
-    return optax.apply_updates(params, updates), opt_state, metrics
+    return optax.apply_updates(params, updates), clip_state, opt_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0, 1))
+  return jax.jit(train_step, donate_argnums=(0, 1, 2))
 
 
 def make_eval_step(apply_fn: Callable) -> Callable:
@@ -211,12 +253,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
     image, label, weight = example
     return weight * cnn.cross_entropy(apply_fn(params, image[None]), label[None])
 
-  grad_fn = clipx.clipped_grad(example_loss, args.max_norm, chunk_size=args.chunk_size or None)
+  bound: Any = args.max_norm
+  gradient_noise = args.noise_multiplier
+  if args.adaptive:
+    # The count's noise comes from its own key, in the clipping state.
+    bound = clipx.private_quantile(
+      args.target_quantile,
+      args.clip_lr,
+      args.max_norm,
+      count_noise=args.count_noise,
+      batch_size=args.batch_size,
+      key=jax.random.fold_in(jax.random.key(args.seed), 1),
+    )
+    gradient_noise = clipx.gradient_noise_multiplier(args.noise_multiplier, args.count_noise)
+  grad_fn = clipx.clipped_grad(example_loss, bound, chunk_size=args.chunk_size or None)
   tx = optax.chain(
-    clipx.add_noise(args.noise_multiplier, args.max_norm, args.batch_size, key=args.seed),
+    clipx.add_noise(gradient_noise, args.max_norm, args.batch_size, key=args.seed),
     optax.sgd(args.lr, momentum=args.momentum),
   )
-  opt_state = tx.init(params)
+  clip_state, opt_state = grad_fn.init(params), tx.init(params)
   train_step = make_train_step(apply_fn, grad_fn, tx, max_batch / args.batch_size)
   eval_step = make_eval_step(apply_fn)
 
@@ -226,6 +281,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
     f" noise multiplier {args.noise_multiplier:g}, chunk size {args.chunk_size or 'whole batch'}"
     f" on {jax.default_backend()}"
   )
+  if args.adaptive:
+    print(
+      f"adaptive bound: target quantile {args.target_quantile:g}, count noise"
+      f" {args.count_noise:g}; gradient noise multiplier {gradient_noise:.4f}"
+    )
 
   # Loop.
   rng = np.random.default_rng(args.seed)
@@ -235,15 +295,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
     poisson_batches(rng, n, rate, max_batch, steps), total=steps, disable=args.quiet, unit="step"
   )
   for step, (indices, weights) in enumerate(bar):
-    params, opt_state, metrics = train_step(
-      params, opt_state, x_train[indices], y_train[indices], weights
+    params, clip_state, opt_state, metrics = train_step(
+      params, clip_state, opt_state, x_train[indices], y_train[indices], weights
     )
     if step % 20 == 0 or step == steps - 1:
       metrics = jax.device_get(metrics)
       clipped_sum += float(metrics["clipped"]) * float(metrics["examples"])
       seen += float(metrics["examples"])
       bar.set_postfix(
-        norm=f"{float(metrics['norm']):.2f}", clipped=f"{clipped_sum / max(seen, 1):.0%}"
+        norm=f"{float(metrics['norm']):.2f}",
+        bound=f"{float(metrics['threshold']):.2f}",
+        clipped=f"{clipped_sum / max(seen, 1):.0%}",
       )
   jax.block_until_ready(params)
   seconds = time.perf_counter() - start
@@ -262,7 +324,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
   print(f"test accuracy {test_accuracy:.4f}, test loss {test_loss:.4f}")
   if epsilon is not None:
     print(f"privacy: ({epsilon:.2f}, {args.delta:g})-DP")
-  return {"test_accuracy": test_accuracy, "test_loss": test_loss, "epsilon": epsilon}
+  return {
+    "test_accuracy": test_accuracy,
+    "test_loss": test_loss,
+    "epsilon": epsilon,
+    "gradient_noise_multiplier": gradient_noise,
+    "final_bound": float(jax.device_get(metrics["threshold"])),
+    "steps": steps,
+  }
 
 
 if __name__ == "__main__":

@@ -525,6 +525,27 @@ def test_add_noise_rejects_bad_arguments(args, error):
     clipx.add_noise(*args)
 
 
+@pytest.mark.parametrize(
+  ("key", "error"),
+  [
+    ("seed", TypeError),
+    (None, TypeError),
+    (object(), TypeError),
+    ({"seed": 0}, TypeError),
+    ([0, 1], TypeError),
+    (1.5, TypeError),
+    (np.float32(3.0), TypeError),
+    (2**64, ValueError),  # beyond the int64 seeds jax.random.key takes
+    (-(2**63) - 1, ValueError),
+  ],
+)
+def test_add_noise_names_a_bad_key(key, error):
+  # The error is clipx's, at construction, and names the argument (JAX's own
+  # errors for these say "not a valid JAX array type" or "too large to convert").
+  with pytest.raises(error, match=r"clipx\.add_noise: key must be"):
+    clipx.add_noise(1.0, 1.0, 8, key=key)
+
+
 # ------------------------------------------------------------ the DP-SGD example
 
 
