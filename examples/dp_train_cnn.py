@@ -70,7 +70,7 @@ import clipx
 
 if not __package__:  # run as a script: make the examples package importable
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import cnn, data  # noqa: E402
+from examples import cli, cnn, data  # noqa: E402
 
 # Rows of the physical batch: the expected batch size plus this many standard
 # deviations of the Poisson sample size, so truncation is rare (and accounted).
@@ -84,11 +84,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   )
   parser.add_argument("--dataset", choices=data.DATASETS, default="digits")
   parser.add_argument("--data-dir", default=None, help="folder of the mnist/cifar10 files")
-  parser.add_argument("--batch-size", type=int, default=64, help="expected (Poisson) batch size")
   parser.add_argument(
-    "--epochs", type=float, default=20, help="passes over the data, in expectation"
+    "--batch-size", type=cli.positive_int, default=64, help="expected (Poisson) batch size"
   )
-  parser.add_argument("--max-norm", type=float, default=1.0, help="per-example clipping bound")
+  parser.add_argument(
+    "--epochs", type=cli.positive_float, default=20, help="passes over the data, in expectation"
+  )
+  parser.add_argument(
+    "--max-norm", type=cli.positive_float, default=1.0, help="per-example clipping bound"
+  )
   parser.add_argument("--noise-multiplier", type=float, default=1.0, help="noise std / max-norm")
   parser.add_argument("--delta", type=float, default=1e-5, help="the delta epsilon is reported at")
   parser.add_argument(
@@ -97,26 +101,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help="learn the bound privately (clipx.private_quantile), starting at --max-norm",
   )
   parser.add_argument(
-    "--target-quantile", type=float, default=0.5, help="fraction of examples left unclipped"
+    "--target-quantile", type=cli.fraction, default=0.5, help="fraction of examples left unclipped"
   )
   parser.add_argument(
-    "--clip-lr", type=float, default=0.2, help="learning rate of the bound's geometric update"
+    "--clip-lr",
+    type=cli.positive_float,
+    default=0.2,
+    help="learning rate of the bound's geometric update",
   )
   parser.add_argument(
     "--count-noise",
-    type=float,
+    type=cli.positive_float,
     default=None,
     help="std of the noise on the unclipped count (default: batch size / 20, as Andrew et al.)",
   )
-  parser.add_argument("--lr", type=float, default=0.03, help="SGD learning rate")
-  parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+  parser.add_argument("--lr", type=cli.positive_float, default=0.03, help="SGD learning rate")
+  parser.add_argument("--momentum", type=cli.fraction, default=0.9, help="SGD momentum")
   parser.add_argument(
     "--chunk-size",
     type=int,
     default=32,
     help="examples per vmapped chunk of per-example gradients (0: the whole batch at once)",
   )
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   if args.batch_size < 1 or not args.epochs > 0:

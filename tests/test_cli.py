@@ -27,6 +27,8 @@ BAD_FLAGS = [
   ("lm_spike", "--lr", "0"),
   ("lm_sweep", "--steps", "0"),
   ("rnn_sweep", "--steps", "0"),
+  ("dp_train_cnn", "--lr", "-1"),
+  ("dp_train_cnn", "--momentum", "2"),
 ]
 
 
