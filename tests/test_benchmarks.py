@@ -70,6 +70,7 @@ def quick_run():
   shutil.rmtree(out.parent / f"{out.stem}-raw", ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_quick_run_prints_every_table_and_target_beside_its_setting(quick_run):
   stdout, out, _ = quick_run
   report = out.read_text()
@@ -101,6 +102,7 @@ def test_quick_run_prints_every_table_and_target_beside_its_setting(quick_run):
     assert "(1 intra-op threads)" in report
 
 
+@pytest.mark.slow
 def test_default_output_is_under_runs_and_no_tracked_file_is_written(quick_run):
   _, out, readme_unchanged = quick_run
   assert readme_unchanged, "run.py rewrote benchmarks/README.md without --write-readme"
@@ -207,6 +209,7 @@ def test_thread_labels_and_bad_settings():
     threads.parse("0")
 
 
+@pytest.mark.slow
 def test_spike_methods_quick_run_reports_every_case_and_its_malloc_settings(tmp_path):
   out = tmp_path / "spike.md"
   env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}

@@ -95,6 +95,7 @@ def test_parser_refuses_a_collective_it_cannot_read():
     checks.collectives("  %all-reduce.1 = token all-reduce(%a), to_apply=%add")
 
 
+@pytest.mark.slow
 def test_parser_sees_gradient_sized_collectives_in_compiled_programs(results):
   bad = results["parser"]
   assert ops(bad["psum_vector"]) == {"all-reduce"}
@@ -109,6 +110,8 @@ def test_parser_sees_gradient_sized_collectives_in_compiled_programs(results):
 
 
 @pytest.mark.parametrize("name", ["global", "layer_module"])
+@pytest.mark.slow
+@pytest.mark.slow
 def test_fsdp_norm_clipping_equals_one_device_with_scalar_all_reduces(results, name):
   run = results["jit_fsdp"][name]
   assert run["params_err"] <= RTOL and run["state_err"] <= RTOL, run
@@ -124,6 +127,7 @@ def test_fsdp_norm_clipping_equals_one_device_with_scalar_all_reduces(results, n
   assert sum(len(c["sizes"]) for c in found) <= 3 * run["leaves"], found
 
 
+@pytest.mark.slow
 def test_fsdp_agc_moves_at_most_unit_sized_vectors(results):
   run = results["jit_fsdp"]["agc"]
   assert run["params_err"] <= RTOL and run["state_err"] <= RTOL, run
@@ -148,6 +152,8 @@ SHARD_MAP_TRANSFORMS = tuple(checks.shard_map_transforms("d"))
 
 
 @pytest.mark.parametrize("name", SHARD_MAP_TRANSFORMS)
+@pytest.mark.slow
+@pytest.mark.slow
 def test_shard_map_axis_name_equals_unsharded(results, name):
   run = results["shard_map"][name]
   assert run["update_err"] <= RTOL and run["state_err"] <= RTOL, run
@@ -156,6 +162,7 @@ def test_shard_map_axis_name_equals_unsharded(results, name):
   assert run["events"] >= 1, run  # clipped or skipped at least once
 
 
+@pytest.mark.slow
 def test_shard_map_collectives_are_unit_sized_all_reduces(results):
   program = results["shard_map"]["program"]
   found = program["collectives"]
@@ -166,6 +173,7 @@ def test_shard_map_collectives_are_unit_sized_all_reduces(results):
   assert program["unit_count"] * 5 < program["smallest_leaf_shard_of_kernels"]
 
 
+@pytest.mark.slow
 def test_zero_data_parallel_step_equals_one_device_and_clipping_adds_scalars(results):
   run = results["zero_data_parallel"]
   assert run["params_err"] <= RTOL and run["state_err"] <= RTOL, run
@@ -177,6 +185,7 @@ def test_zero_data_parallel_step_equals_one_device_and_clipping_adds_scalars(res
   assert added and all(op == "all-reduce" and max(sizes) <= 4 for op, sizes in added), added
 
 
+@pytest.mark.slow
 def test_tensor_parallel_2d_mesh_equals_one_device_and_clipping_adds_scalars(results):
   run = results["tensor_parallel_2d"]
   assert run["params_err"] <= RTOL and run["state_err"] <= RTOL, run
@@ -186,6 +195,7 @@ def test_tensor_parallel_2d_mesh_equals_one_device_and_clipping_adds_scalars(res
   assert added and all(op == "all-reduce" and max(sizes) == 1 for op, sizes in added), added
 
 
+@pytest.mark.slow
 def test_pmap_axis_name_equals_the_formula(results):
   run = results["pmap"]
   assert run["norm"] > 1  # clipped
@@ -195,6 +205,7 @@ def test_pmap_axis_name_equals_the_formula(results):
 # --- examples/train_cnn.py: its data-parallel mesh on 8 devices vs. one device. ---
 
 
+@pytest.mark.slow
 def test_cnn_example_on_8_devices_trains_as_on_one(results):
   runs = results["cnn_example"]
   eight, one = runs["eight"], runs["one"]

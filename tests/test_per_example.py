@@ -585,6 +585,7 @@ def test_example_epsilon_matches_untruncated_poisson_accounting():
   assert epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
 
 
+@pytest.mark.slow
 def test_example_runs_and_reports_accuracy_and_epsilon(capsys):
   pytest.importorskip("dp_accounting")
   from examples import dp_train_cnn

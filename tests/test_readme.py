@@ -37,3 +37,5 @@ def test_ci_runs_the_readme_test_command():
   ci = (ROOT / ".ci" / "run").read_text()
   assert 'pip install --quiet -e ".[test]"' in ci or 'pip install -e ".[test]"' in ci
   assert re.search(r"^pytest\s*$", ci, re.M)
+  # The default run skips the slow tests; CI runs them too.
+  assert re.search(r"^(CLIPX_WHEEL=1 )?pytest -m slow\s*$", ci, re.M)

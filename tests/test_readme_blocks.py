@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# Long (a fresh interpreter or several devices per case): run by .ci/run with -m slow.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"^```python\n(.*?)^```$", (ROOT / "README.md").read_text(), re.S | re.M)
 

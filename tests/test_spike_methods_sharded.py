@@ -12,6 +12,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# Long (a fresh interpreter or several devices per case): run by .ci/run with -m slow.
+pytestmark = pytest.mark.slow
+
 CODE = textwrap.dedent(
   r"""
   from functools import partial
