@@ -301,22 +301,26 @@ def safe_vector_norm(values: jax.Array) -> jax.Array:
   return d * safe_sqrt(jnp.sum(jnp.square(values / d)))
 
 
-def _merged_layout(leaves: Sequence[jax.Array]) -> tuple[list[int], np.ndarray]:
-  """Where :func:`_merge_small_leaves` puts each leaf: large leaves' indices, then per
-  element of the merged small-leaf vector, the index of the leaf it came from.
+def _merged_layout(leaves: Sequence[jax.Array]) -> tuple[list[int], list[int], np.ndarray]:
+  """Where :func:`_merge_small_leaves` puts each leaf: large leaves' indices, small
+  leaves' indices, and per element of the merged small-leaf vector, the index of
+  the leaf it came from.
 
-  Empty when nothing is merged (fewer than two small leaves). Static (numpy).
+  ``small`` lists every small leaf, zero-size ones too: they own no element of
+  the merged vector, but still have a (zero) term of their own, so the terms
+  stay one per leaf and in leaf order. Nothing is merged (empty lists) for
+  fewer than two small leaves. Static (numpy).
   """
   small = [i for i, x in enumerate(leaves) if x.size <= SMALL_LEAF_SIZE]
   if len(small) < 2:
-    return [], np.zeros((0,), np.int32)
+    return [], [], np.zeros((0,), np.int32)
   large = [i for i, x in enumerate(leaves) if x.size > SMALL_LEAF_SIZE]
   groups: dict[tuple[int, ...], list[int]] = {}
   for i in small:
     shape = leaves[i].shape if leaves[i].ndim else (1,)
     groups.setdefault(tuple(shape[1:]), []).append(i)
   owners = [np.full(max(leaves[i].size, 0), i, np.int32) for g in groups.values() for i in g]
-  return large, np.concatenate(owners) if owners else np.zeros((0,), np.int32)
+  return large, small, np.concatenate(owners) if owners else np.zeros((0,), np.int32)
 
 
 def _merge_small_leaves(leaves: Sequence[jax.Array], dtype) -> list[jax.Array]:
@@ -394,14 +398,37 @@ def group_norms_split(
   return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, list(leaves))
 
 
+def largest_share(terms: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(index, fraction)`` of the largest of non-negative ``terms`` in their sum (forensics).
+
+  ``terms`` are the squared norms of leaves or groups, one each, in order; an
+  empty vector gives ``(-1, 0)`` and a zero sum share 0. A non-finite term (a
+  leaf or group holding NaN or Inf) outweighs every finite one, and all of them
+  weigh alike: the index is the first non-finite term and the share ``1 / k``
+  for ``k`` of them (1.0 for a single Inf leaf), never ``inf / inf`` = NaN.
+  The same rule in every scope that reports a share.
+  """
+  if terms.shape[0] == 0:
+    return jnp.int32(-1), jnp.zeros((), terms.dtype)
+  bad = ~jnp.isfinite(terms)
+  count = jnp.sum(bad, dtype=jnp.int32)
+  finite = jnp.where(bad, 0, terms)
+  whole = jnp.sum(finite)
+  share = jnp.where(whole > 0, jnp.max(finite) / jnp.where(whole > 0, whole, 1), 0)
+  share = jnp.where(count > 0, 1 / jnp.maximum(count, 1).astype(terms.dtype), share)
+  index = jnp.where(count > 0, jnp.argmax(bad), jnp.argmax(finite))
+  return index.astype(jnp.int32), share.astype(terms.dtype)
+
+
 def global_norm_attributed(
   leaves: Sequence[jax.Array], *, axis_name=None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """The global norm as ``(divisor, root)``, and where it came from: ``(source, share)``.
 
   ``source`` is the index (in ``leaves``' order) of the leaf with the largest
-  share of the squared norm and ``share`` that fraction (0 for a zero norm), so
-  a clipped or skipped step says which leaf spiked. On the common path the
+  share of the squared norm and ``share`` that fraction (see
+  :func:`largest_share`: 0 for a zero norm, ``1 / k`` for ``k`` NaN/Inf leaves),
+  so a clipped or skipped step says which leaf spiked. On the common path the
   per-leaf sums of squares are the ones the norm is made of: large leaves are
   reduced one by one anyway, and small leaves one shape at a time; a tree of
   more than ``MAX_SMALL_SHAPES`` small shapes merges them (see
@@ -413,14 +440,14 @@ def global_norm_attributed(
   if not count:
     zero = jnp.zeros((), dtype)
     return jnp.ones((), dtype), zero, jnp.int32(-1), zero
-  large, owners = _merged_layout(leaves) if jax.device_count() == 1 else ([], None)
+  large, small, owners = _merged_layout(leaves) if jax.device_count() == 1 else ([], [], None)
   if owners is not None and owners.size:
     # The total as group_norms_split sums it (merged small leaves): the same norm, bit
     # for bit, as clip_tree and the scopes without forensics.
     merged = _merge_small_leaves(leaves, dtype)
     sums = leaf_sq_norms(merged)
     total = jnp.sum(sums)
-    small_ids = np.unique(owners)
+    small_ids = np.asarray(small, np.int32)  # not np.unique(owners): that skips empty leaves
     small_shapes = {(leaves[i].shape, leaves[i].dtype) for i in small_ids}
     if len(small_shapes) <= MAX_SMALL_SHAPES:
       # One reduction per shape of small leaf (a ResNet-50 has 10): 0.14 ms a step
@@ -440,11 +467,8 @@ def global_norm_attributed(
     per_leaf = lax.psum(per_leaf, axis_name)
     total = jnp.sum(per_leaf)
 
-  def shares(terms, whole):
-    return jnp.argmax(terms).astype(jnp.int32), jnp.where(whole > 0, jnp.max(terms) / whole, 0)
-
   def common(_):
-    return (jnp.ones((), dtype), safe_sqrt(total), *shares(per_leaf, total))
+    return (jnp.ones((), dtype), safe_sqrt(total), *largest_share(per_leaf))
 
   def fallback(leaves):
     d, r = _scaled_leaf_norms(leaves, dtype)
@@ -454,8 +478,7 @@ def global_norm_attributed(
     terms = jnp.square(d / group_d * r)
     if axis_name is not None:
       terms = lax.psum(terms, axis_name)
-    whole = jnp.sum(terms)
-    return (group_d, safe_sqrt(whole), *shares(terms, whole))
+    return (group_d, safe_sqrt(jnp.sum(terms)), *largest_share(terms))
 
   finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(per_leaf))
   return lax.cond(finite, common, fallback, list(leaves))

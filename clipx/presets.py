@@ -149,6 +149,7 @@ def adagc(
     return jnp.where(count < warmup_steps, bound, jnp.asarray(jnp.inf, jnp.float32))
 
   policy = thresholds.ema_ratio(ratio, decay, warmup_steps=warmup_steps, warmup="min")
-  return transforms.clip_by_global_then_layer_norm(
-    warmup_bound, policy, group=group, stacked=stacked, axis_name=axis_name
+  # The private form, so errors at init and update name clipx.adagc, the function called.
+  return transforms._clip_by_global_then_layer_norm(
+    owner, warmup_bound, policy, group, stacked, axis_name
   )

@@ -32,9 +32,11 @@ copy of the leaf before its reductions and another for its output: 2x to 8x.
 
 from __future__ import annotations
 
+import collections
 import itertools
-from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple, TypeAlias, TypeGuard
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import numpy as np
@@ -68,8 +70,32 @@ def _describe_fn(stacked_fn: StackedFn) -> str:
   return f"the stacked function {name}"
 
 
-def _is_int(value: Any) -> TypeGuard[int | np.integer]:
-  return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+def _as_int(value: Any) -> int | None:
+  """``value`` as an int where it is one, else None.
+
+  A Python or numpy int, or a concrete integer 0-d array (``np.array(1)``;
+  ``optax.inject_hyperparams`` passes an int as ``jnp.asarray(1)``). Never a bool.
+  """
+  if isinstance(value, bool | np.bool_):
+    return None
+  if isinstance(value, int | np.integer):
+    return int(value)
+  if (
+    isinstance(value, np.ndarray | jax.Array)
+    and not isinstance(value, jax.core.Tracer)
+    and value.ndim == 0
+    and np.issubdtype(value.dtype, np.integer)
+  ):
+    return int(value)
+  return None
+
+
+def _traced_error(owner: str, name: str, value: Any) -> TypeError:
+  return TypeError(
+    f"clipx.{owner}: {name} is traced (a {value.dtype} array under jit): layer axes fix the"
+    " program's shapes, so they cannot be run-time values. optax.inject_hyperparams makes"
+    f' every number one: pass it static_args=("{name}",).'
+  )
 
 
 def as_stacked_fn(owner: str, stacked: Stacked, name: str = "stacked") -> StackedFn:
@@ -81,20 +107,26 @@ def as_stacked_fn(owner: str, stacked: Stacked, name: str = "stacked") -> Stacke
     return _Fixed(0)
   if callable(stacked) and not isinstance(stacked, type):
     return stacked
+  if isinstance(stacked, jax.core.Tracer):
+    raise _traced_error(owner, name, stacked)
   if isinstance(stacked, tuple):
-    if not all(_is_int(a) for a in stacked):
+    items = [_as_int(a) for a in stacked]
+    if any(isinstance(a, jax.core.Tracer) for a in stacked):
+      raise _traced_error(owner, name, next(a for a in stacked if isinstance(a, jax.core.Tracer)))
+    if any(a is None for a in items):
       raise TypeError(f"clipx.{owner}: {name} must be {_ACCEPTS}, got {stacked!r}.")
-    positions = tuple(int(a) for a in stacked)
+    positions = tuple(a for a in items if a is not None)
     if len(set(positions)) != len(positions):
       raise ValueError(f"clipx.{owner}: {name} names one layer axis twice: {stacked!r}.")
     return _Fixed(positions)
-  if not _is_int(stacked):
+  count = _as_int(stacked)
+  if count is None:
     raise TypeError(
       f"clipx.{owner}: {name} must be {_ACCEPTS}, got {stacked!r} ({type(stacked).__name__})."
     )
-  if stacked < 0:
+  if count < 0:
     raise ValueError(f"clipx.{owner}: {name} must be {_ACCEPTS}, got {stacked!r}.")
-  return _Fixed(int(stacked))
+  return _Fixed(count)
 
 
 def leaf_layer_axes(owner: str, stacked_fn: StackedFn, path: tuple, leaf: Any) -> tuple[int, ...]:
@@ -104,20 +136,23 @@ def leaf_layer_axes(owner: str, stacked_fn: StackedFn, path: tuple, leaf: Any) -
   shape = np.shape(leaf)
   rank = len(shape)
   source = _describe_fn(stacked_fn)
-  if _is_int(spec):
-    if spec < 0:
+  count = _as_int(spec)
+  if count is not None:
+    if count < 0:
       raise ValueError(f"clipx.{owner}: {source} gave {spec!r} for {where}; a count must be >= 0.")
-    if spec > rank:
+    if count > rank:
       raise ValueError(
-        f"clipx.{owner}: {source} gave {int(spec)} leading layer axes for the leaf at {where},"
+        f"clipx.{owner}: {source} gave {count} leading layer axes for the leaf at {where},"
         f" which has shape {shape} (rank {rank})."
       )
-    return tuple(range(int(spec)))
-  if not isinstance(spec, tuple) or not all(_is_int(a) for a in spec):
+    return tuple(range(count))
+  items = [_as_int(a) for a in spec] if isinstance(spec, tuple) else [None]
+  if any(a is None for a in items):
     raise TypeError(
       f"clipx.{owner}: {source} must give an int >= 0 or a tuple of ints for every leaf,"
       f" got {spec!r} for {where}."
     )
+  spec = tuple(a for a in items if a is not None)
   for a in spec:
     if not -rank <= a < rank:
       raise ValueError(
@@ -131,6 +166,46 @@ def leaf_layer_axes(owner: str, stacked_fn: StackedFn, path: tuple, leaf: Any) -
       f" shape {shape}: they name one axis twice."
     )
   return tuple(positions)
+
+
+def check_stacked_alike(owner: str, stacked_fn: StackedFn, tree: Any) -> None:
+  """An int or tuple ``stacked`` stacks every leaf alike: their layer sizes must agree.
+
+  ``stacked=1`` on a model whose input and output layers are not scanned would
+  read each row of the input kernel and each element of a bias as a layer, and
+  clip them one by one, silently (51 groups for a 4-block MLP). Shapes cannot
+  say which leaves are stacked, so where the layer sizes differ this refuses
+  and asks for a function, which says it per leaf. It also refuses a model
+  whose every leaf is stacked, in stacks of different depths (an encoder and a
+  decoder): there the function ``lambda path, leaf: 1`` says so. An unstacked
+  leaf whose leading size happens to equal the layer count is not caught.
+  """
+  if not isinstance(stacked_fn, _Fixed) or stacked_fn.spec in (0, ()):
+    return
+  by_shape: dict[tuple[int, ...], list[str]] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    path = strip_variable_suffix(path)
+    axes = leaf_layer_axes(owner, stacked_fn, path, leaf)
+    by_shape.setdefault(tuple(np.shape(leaf)[a] for a in axes), []).append(path_name(path))
+  if len(by_shape) <= 1:
+    return
+  # The most common layer shape first: likely the real layers, then the leaves that differ.
+  ordered = sorted(by_shape.items(), key=lambda item: -len(item[1]))
+  shown = "; ".join(
+    f"{shape} for {', '.join(paths[:4])}"
+    + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+    for shape, paths in ordered[:6]
+  )
+  more = f"; and {len(ordered) - 6} more layer shapes" if len(ordered) > 6 else ""
+  raise ValueError(
+    f"clipx.{owner}: {stacked_fn!r} stacks every leaf alike, but the leaves' layer sizes"
+    f" differ: {shown}{more}. A leaf that is not stacked (an embedding, an unscanned input or"
+    " output layer) would be split into one group per row or element. Say which leaves are"
+    " stacked with a function: stacked=clipx.layer_axes_from_metadata(model) reads it from"
+    " Flax's metadata, or stacked=lambda path, leaf: 1 if 'blocks' in"
+    " clipx.stacking.path_name(path) else 0. If every leaf is stacked, in stacks of different"
+    " depths, stacked=lambda path, leaf: 1 says so."
+  )
 
 
 def within_layer_axes(ndim: int, axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -225,14 +300,55 @@ jax.tree_util.register_pytree_node(
 )
 
 
+def _unambiguous_name(key: Any) -> str:
+  """A group key as JAX writes it (``['a/b']``, ``['a']['b']``, ``.kernel``): a path's
+  keys stay apart even where :func:`path_name` reads alike; ``repr`` of any other key."""
+  if isinstance(key, tuple):
+    return jax.tree_util.keystr(key) or "<root>"
+  return repr(key)
+
+
+def _layer_suffixes(layer_shape: tuple[int, ...]) -> list[str]:
+  """``[""]`` unstacked; a stack's layers ``["[0]", "[1]", ...]`` (``[i,j]`` for two axes)."""
+  if not layer_shape:
+    return [""]
+  return [
+    f"[{','.join(map(str, index))}]"
+    for index in itertools.product(*(range(n) for n in layer_shape))
+  ]
+
+
+def distinct_names(keys: Sequence[tuple[str, str, tuple[int, ...]]]) -> list[str]:
+  """One name per group, all distinct, from ``(name, unambiguous name, layer shape)`` per key.
+
+  Stats keys must be distinct, or one group's statistics overwrite another's in
+  ``as_dict()``. The readable names (``a/b``, ``k[0]``) are kept wherever they
+  are unique. A key whose name clashes with another's (a dict key ``"a/b"``
+  beside ``{"a": {"b": ...}}``, a leaf ``"k[0]"`` beside layer 0 of a stacked
+  ``"k"``) is named as JAX writes its path instead, every layer of it:
+  ``['a/b']`` and ``['a']['b']``, ``['k[0]']`` and ``['k'][0]``. A name that
+  still clashes (keys that read like another's path) gets ``#`` and its
+  group's index, until none does.
+  """
+  readable = [[name + s for s in _layer_suffixes(shape)] for name, _, shape in keys]
+  counts = collections.Counter(n for names in readable for n in names)
+  names = [
+    [plain + s for s in _layer_suffixes(shape)] if any(counts[n] > 1 for n in group) else group
+    for group, (_, plain, shape) in zip(readable, keys)
+  ]
+  flat = [n for group in names for n in group]
+  while len(set(flat)) < len(flat):
+    counts = collections.Counter(flat)
+    flat = [f"{n}#{i}" if counts[n] > 1 else n for i, n in enumerate(flat)]
+  return flat
+
+
 def leaf_names(tree: Any) -> GroupNames:
-  """The paths of ``tree``'s leaves (``blocks/attn/kernel``), for the stats' ``source``."""
-  return GroupNames(
-    tuple(
-      path_name(strip_variable_suffix(path))
-      for path, _ in jax.tree_util.tree_leaves_with_path(tree)
-    )
-  )
+  """The paths of ``tree``'s leaves (``blocks/attn/kernel``), for the stats' ``source``;
+  distinct (see :func:`distinct_names`)."""
+  paths = [strip_variable_suffix(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  keys = [(path_name(p), _unambiguous_name(p), ()) for p in paths]
+  return GroupNames(tuple(distinct_names(keys)))
 
 
 class LayerGroups(NamedTuple):
@@ -266,8 +382,10 @@ def layer_groups(
   Leaves that share a key (``group="module"``) must have the same layer shape.
   The groups and names depend on the layer axes' sizes, not on where they sit.
   """
+  check_stacked_alike(owner, stacked_fn, tree)
   first: dict[Hashable, tuple[int, tuple[int, ...], str]] = {}
-  names: list[str] = []
+  keys: list[tuple[str, str, tuple[int, ...]]] = []
+  num_groups = 0
   bases, shapes, all_axes = [], [], []
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     path = strip_variable_suffix(path)
@@ -276,14 +394,9 @@ def layer_groups(
     shape = tuple(np.shape(leaf)[a] for a in axes)
     if key not in first:
       name = path_name(key) if isinstance(key, tuple) else str(key)
-      first[key] = (len(names), shape, path_name(path))
-      if shape:
-        names.extend(
-          f"{name}[{','.join(map(str, index))}]"
-          for index in itertools.product(*(range(n) for n in shape))
-        )
-      else:
-        names.append(name)
+      first[key] = (num_groups, shape, path_name(path))
+      keys.append((name, _unambiguous_name(key), shape))
+      num_groups += math.prod(shape)
     base, group_shape, first_path = first[key]
     if shape != group_shape:
       raise ValueError(
@@ -293,4 +406,5 @@ def layer_groups(
     bases.append(base)
     shapes.append(shape)
     all_axes.append(axes)
+  names = distinct_names(keys)
   return LayerGroups(bases, shapes, names, len(names), all_axes)

@@ -35,7 +35,9 @@ class ClipStats(NamedTuple):
       norm, in tree order; ``clipx.stats`` prints its path. None where a scope
       does not report it.
     share: that leaf's or group's fraction of the squared norm (0 for a zero
-      norm; for value clipping, 1 where anything is non-zero).
+      norm; ``1 / k`` where ``k`` leaves or groups hold NaN/Inf, ``source``
+      then the first of them: see :func:`clipx.norms.largest_share`; for value
+      clipping, 1 where anything is non-zero).
   """
 
   norm: jax.Array
@@ -106,6 +108,21 @@ def init_clip_stats(
   )
 
 
+# Groups a printed per-layer report shows, largest norm first; all are in ``as_dict()``.
+SHOWN_GROUPS = 5
+
+
+def _format(value: np.ndarray) -> str:
+  """A scalar as a report prints it: 4 significant digits for floats."""
+  return f"{value.item():.4g}" if value.dtype.kind == "f" else f"{value.item()}"
+
+
+def _largest_first(norm: np.ndarray) -> np.ndarray:
+  """Group indices by norm, largest first and NaN/Inf before all (ties in tree order)."""
+  key = np.where(np.isfinite(norm), norm.astype(np.float64), np.inf)
+  return np.argsort(-key, kind="stable")
+
+
 def _kind_of(node: Any) -> str | None:
   return getattr(type(node), "clipx_kind", None)
 
@@ -168,25 +185,48 @@ class StatsReport(dict):
     return paths
 
   def __str__(self) -> str:
+    """One line per scalar entry; a per-group entry (per-layer clipping) shows its
+    :data:`SHOWN_GROUPS` largest norms by name, one line each (the rest are in
+    :meth:`as_dict`), NaN and Inf first: where a reader looks for a spike."""
     lines = []
     paths = self.source_paths()
     for name, stats in self.items():
-      fields = []
+      scalars, per_group = [], {}
       for field, value in stats._asdict().items():
         if value is None:
           continue
         if field in ("source", "nonfinite_leaf") and name in paths:
-          fields.append(f"{field}={paths[name]}")
+          scalars.append(f"{field}={paths[name]}")
           continue
         array = np.asarray(jax.device_get(value))
         if array.ndim == 0:
-          fields.append(
-            f"{field}={array.item():.4g}" if array.dtype.kind == "f" else f"{field}={array.item()}"
-          )
+          scalars.append(f"{field}={_format(array)}")
         else:
-          fields.append(f"{field}=[{array.size} values]")
-      lines.append(f"{name}: " + ", ".join(fields))
+          per_group[field] = array.reshape(-1)
+      if not per_group:
+        lines.append(f"{name}: " + ", ".join(scalars))
+        continue
+      lines.extend(self._group_lines(name, scalars, per_group))
     return "\n".join(lines) if lines else "(no clipx transforms in this state)"
+
+  def _group_lines(
+    self, name: str, scalars: list[str], per_group: dict[str, np.ndarray]
+  ) -> list[str]:
+    """The lines of an entry with per-group fields: a header, then the largest groups."""
+    norm = per_group.get("norm", next(iter(per_group.values())))
+    count = norm.size
+    fields = {f: v for f, v in per_group.items() if v.size == count}
+    scalars = scalars + [f"{f}=[{v.size} values]" for f, v in per_group.items() if v.size != count]
+    names = self.group_names.get(name, ())
+    labels = names if len(names) == count else [str(i) for i in range(count)]
+    head = ", ".join(scalars) + "; " if scalars else ""
+    lines = [f"{name}: {head}{count} groups, largest norm first:"]
+    for i in _largest_first(norm)[:SHOWN_GROUPS]:
+      row = ", ".join(f"{f}={_format(v[i])}" for f, v in fields.items())
+      lines.append(f"  {labels[i]}: {row}")
+    if count > SHOWN_GROUPS:
+      lines.append(f"  ... {count - SHOWN_GROUPS} more in .as_dict()")
+    return lines
 
   __repr__ = __str__
 

@@ -109,13 +109,15 @@ def _stats(
 
 
 def _largest_share(divisor: jax.Array, root: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(index, fraction)`` of the largest of norms ``divisor * root`` in their squared sum."""
+  """``(index, fraction)`` of the largest of norms ``divisor * root`` in their squared sum.
+
+  The squares are taken relative to the largest divisor, so a norm beyond
+  float32's range still has a finite term; NaN/Inf groups follow
+  :func:`clipx.norms.largest_share` (the first of ``k`` has share ``1 / k``).
+  """
   if divisor.shape[0] == 0:
     return jnp.int32(-1), jnp.zeros((), root.dtype)
-  terms = jnp.square(divisor / jnp.max(divisor) * root)
-  whole = jnp.sum(terms)
-  share = jnp.where(whole > 0, jnp.max(terms) / jnp.where(whole > 0, whole, 1), 0)
-  return jnp.argmax(terms).astype(jnp.int32), share
+  return norms.largest_share(jnp.square(divisor / jnp.max(divisor) * root))
 
 
 def _norm_dtype(tree) -> jnp.dtype:
@@ -319,7 +321,13 @@ def clip_by_layer_norm(
     McMahan et al., `A General Approach to Adding Differential Privacy to
     Iterative Training Procedures <https://arxiv.org/abs/1812.06210>`_, 2018.
   """
-  owner = "clip_by_layer_norm"
+  return _clip_by_layer_norm("clip_by_layer_norm", max_norm, group, stacked, axis_name)
+
+
+def _clip_by_layer_norm(
+  owner: str, max_norm: Threshold, group: str | GroupFn, stacked: stacking.Stacked, axis_name: Any
+) -> optax.GradientTransformation:
+  """:func:`clip_by_layer_norm`, its errors naming ``owner``: the function the user called."""
   policy = as_policy(max_norm, "max_norm", owner)
   validation.choice(owner, "group", group, GROUP_MODES, function=True)
   stacked_fn = stacking.as_stacked_fn(owner, stacked)
@@ -475,12 +483,25 @@ def clip_by_global_then_layer_norm(
     An ``optax.GradientTransformation`` whose state is the chain's,
     ``(GlobalNormClipState, LayerNormClipState)``.
   """
-  owner = "clip_by_global_then_layer_norm"
+  return _clip_by_global_then_layer_norm(
+    "clip_by_global_then_layer_norm", global_max_norm, layer_max_norm, group, stacked, axis_name
+  )
+
+
+def _clip_by_global_then_layer_norm(
+  owner: str,
+  global_max_norm: Threshold,
+  layer_max_norm: Threshold,
+  group: str | GroupFn,
+  stacked: stacking.Stacked,
+  axis_name: Any,
+) -> optax.GradientTransformation:
+  """:func:`clip_by_global_then_layer_norm`, its errors naming ``owner`` (a preset's name)."""
   global_policy = as_policy(global_max_norm, "global_max_norm", owner)
   layer_policy = as_policy(layer_max_norm, "layer_max_norm", owner)
   validation.choice(owner, "group", group, GROUP_MODES, function=True)
   stacked_fn = stacking.as_stacked_fn(owner, stacked)
-  layer = clip_by_layer_norm(layer_policy, group=group, stacked=stacked, axis_name=axis_name)
+  layer = _clip_by_layer_norm(owner, layer_policy, group, stacked, axis_name)
   key_fn = _group_key_fn(group)
 
   def init_fn(params):
@@ -561,16 +582,13 @@ def _stacked_unit_axes(
 ) -> tuple[int, ...]:
   """A leaf's unit axes: :func:`unit_axes` of one layer, as axes of the leaf.
 
-  One layer is the leaf without its layer axes, its other axes in order.
+  One layer is the leaf without its layer axes, its other axes in order. A
+  leaf that is all layer axes (a per-layer scale of shape ``(L,)``) has a
+  scalar per layer: one unit each, as ``L`` unstacked scalar leaves would.
   """
   layer_axes = stacking.leaf_layer_axes("adaptive_grad_clip", stacked_fn, path, leaf)
   shape = leaf.shape
   where = stacking.path_name(path)
-  if layer_axes and len(shape) == len(layer_axes):
-    raise ValueError(
-      f"clipx.adaptive_grad_clip: the leaf at {where} (shape {shape}) has {len(layer_axes)}"
-      " layer axes and nothing else: no unit axes are left in a layer."
-    )
   others = stacking.within_layer_axes(len(shape), layer_axes)
   layer_shape = tuple(shape[i] for i in others)
   return tuple(others[a] for a in unit_axes(layer_shape, axis, path=where))
@@ -611,6 +629,13 @@ def adaptive_grad_clip(
   of a conv kernel) has its gradient norm held to
   ``clipping * max(||param unit||, eps)``. Needs ``params`` in ``update``.
 
+  A unit whose parameter norm is not finite (NaN or Inf in its parameters)
+  has no bound and is left unclipped: its gradient passes unchanged, as a
+  non-finite gradient does in every scope, never turned into NaN (or, by
+  falling back to ``eps``, into a near-zero step that hides the broken
+  parameter). A finite parameter norm beyond float32's range likewise never
+  clips. ``clipx.all_finite(params)`` tells a training loop to stop such a run.
+
   Args:
     clipping: the largest allowed ratio of gradient norm to parameter norm
       (the paper uses 0.01 to 0.16); a positive float or an Optax schedule.
@@ -649,6 +674,7 @@ def adaptive_grad_clip(
   stacked_fn = stacking.as_stacked_fn("adaptive_grad_clip", stacked)
 
   def init_fn(params):
+    stacking.check_stacked_alike("adaptive_grad_clip", stacked_fn, params)
     dtype = _norm_dtype(params)
     return AdaptiveGradClipState(
       init_clip_stats((), dtype, forensics=True),
@@ -672,9 +698,11 @@ def adaptive_grad_clip(
     # (compile time); the leading axis of a stack indexes the leaf. Everything
     # after the reductions works on one vector of all units: a few kernels for
     # the whole tree instead of several per leaf (XLA CPU pays per kernel).
+    stacking.check_stacked_alike("adaptive_grad_clip", stacked_fn, updates)
+    paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(updates)]
     leaf_axes = [
       _stacked_unit_axes(stacked_fn, stacking.strip_variable_suffix(path), leaf, axis)
-      for path, leaf in jax.tree_util.tree_leaves_with_path(updates)
+      for path, leaf in zip(paths, leaves)  # arrays: a Python float leaf has no shape
     ]
     buckets = norms._buckets(leaves, leaf_axes)
     g_stacks = [norms.stack_bucket(leaves, bucket) for bucket in buckets]
@@ -713,10 +741,14 @@ def adaptive_grad_clip(
       gs, ps = operands
       g_divisor, g_root = unit_norms(gs)
       p_divisor, p_root = unit_norms(ps)
-      return g_divisor, g_root, p_divisor * p_root  # a param norm beyond range: no clip
+      return g_divisor, g_root, p_divisor * p_root
 
     g_divisor, g_root, p_norm = lax.cond(all_finite, common, fallback, (g_stacks, p_stacks))
-    unit_threshold = ratio * jnp.maximum(p_norm, eps)
+    # A unit whose param norm is not finite (NaN/Inf params, or beyond float32's range)
+    # has no bound: its gradient passes. Not ratio * NaN (a NaN update) nor ratio * inf
+    # (NaN for a run-time ratio of 0, which scales every unit to zero, as in every scope).
+    unbounded = jnp.where(ratio > 0, jnp.inf, ratio).astype(dtype)
+    unit_threshold = jnp.where(jnp.isfinite(p_norm), ratio * jnp.maximum(p_norm, eps), unbounded)
     decision = scaling.decide(g_divisor, g_root, unit_threshold)
     total_divisor, total_root = norms.combine_norms(g_divisor, g_root)
     norm = (total_divisor * total_root)[0]
@@ -737,14 +769,13 @@ def adaptive_grad_clip(
     scale = jnp.where(norm > 0, clipped_norm / jnp.where(norm > 0, norm, 1), 1).astype(dtype)
     scale = jnp.where(ratio >= 0, scale, jnp.nan)
     # Forensics: each leaf's share of the squared norm, from its units (a unit-sized sum).
-    owner = np.concatenate(
-      [np.full(math.prod(shape), i, np.int32) for i, (_, shape) in enumerate(spans)]
-      + [np.zeros((0,), np.int32)]
-    )
+    # The unit vector is in bucket order (spans), not leaf order: owners follow the spans.
+    owner = np.zeros(offset, np.int32)
+    for i, (start, shape) in enumerate(spans):
+      owner[start : start + math.prod(shape)] = i
     if owner.size:
       terms = jnp.square(g_divisor / jnp.max(g_divisor) * g_root)
-      leaf_terms = jax.ops.segment_sum(terms, owner, len(leaves))
-      source, share = _largest_share(jnp.ones_like(leaf_terms), jnp.sqrt(leaf_terms))
+      source, share = norms.largest_share(jax.ops.segment_sum(terms, owner, len(leaves)))
     else:
       source, share = jnp.int32(-1), jnp.zeros((), dtype)
     stats = _stats(norm, clipped_norm, ratio, scale, clipped, state.stats, source, share)
@@ -811,7 +842,9 @@ def clip_by_value(max_abs: Threshold, *, axis_name: Any = None) -> optax.Gradien
       bound = threshold.astype(jnp.promote_types(x.dtype, dtype))
       return jnp.clip(x.astype(bound.dtype), -bound, bound).astype(x.dtype)
 
-    updates = jax.tree.map(clip_leaf, updates)
+    # The checked leaves, not the tree's: a Python float leaf has no dtype.
+    treedef = jax.tree_util.tree_structure(updates)
+    updates = jax.tree_util.tree_unflatten(treedef, [clip_leaf(x) for x in leaves])
     clipped_norm = jnp.where(clipped, threshold, largest)
     scale = jnp.where(largest > 0, clipped_norm / jnp.where(largest > 0, largest, 1), 1)
     stats = _stats(

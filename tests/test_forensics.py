@@ -156,3 +156,106 @@ def test_global_forensics_on_every_layout_of_small_leaves(tree):
   np.testing.assert_allclose(float(stats.share), share, rtol=1e-5)
   many = len({x.shape for x in jax.tree.leaves(tree) if x.size <= norms.SMALL_LEAF_SIZE})
   assert (many > norms.MAX_SMALL_SHAPES) == (len(tree) >= 40)  # both paths are exercised
+
+
+@pytest.mark.parametrize(
+  "tree",
+  [
+    {"a": jnp.zeros(0), "b": jnp.ones(3), "c": jnp.full(3, 10.0)},  # the issue's tree
+    {"a": jnp.ones(2), "e": jnp.zeros((0, 4)), "f": jnp.full((2, 4), 3.0), "g": jnp.ones(4)},
+    {"a": jnp.zeros(0), "big": jnp.full((20000,), 0.01), "c": jnp.full(3, 2.0)},
+    # More small shapes than norms.MAX_SMALL_SHAPES: the merged vector's segment sums.
+    {"a": jnp.zeros(0), **{f"v{i:02d}": jnp.full((i + 1,), 0.1 + 0.01 * i) for i in range(40)}},
+  ],
+)
+def test_zero_size_leaf_does_not_shift_the_global_source(tree):
+  paths, index, share = _expected(tree)
+  for scope in ("clip_tree", "global", "skip_spikes"):
+    if scope == "clip_tree":
+      _, stats = jax.jit(clipx.clip_tree)(tree, 1.0)
+    else:
+      tx = (
+        clipx.clip_by_global_norm(1.0) if scope == "global" else clipx.skip_spikes(optax.sgd(1.0))
+      )
+      _, state = jax.jit(tx.update)(tree, tx.init(tree), tree)
+      stats = clipx.stats(state)[scope]
+      assert clipx.stats(state).source_paths()[scope] == paths[index]
+    assert int(stats.source) == index, scope
+    np.testing.assert_allclose(float(stats.share), share, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "tree",
+  [
+    # Same-shape leaves apart in the tree: their units share one stack (bucket).
+    {"a": jnp.ones(3), "b": jnp.ones((2, 2)), "c": jnp.full(3, 10.0)},
+    {"a": jnp.ones((4, 2)), "b": jnp.ones(3), "c": jnp.full((4, 2), 5.0), "d": jnp.full(3, 0.5)},
+    {"a": jnp.ones(5), "big": jnp.full((200, 100), 0.1), "c": jnp.ones(7), "d": jnp.full(5, 9.0)},
+  ],
+)
+def test_agc_credits_units_to_their_own_leaves(tree):
+  params = jax.tree.map(jnp.ones_like, tree)
+  agc = clipx.adaptive_grad_clip(0.01)
+  _, state = jax.jit(agc.update)(tree, agc.init(params), params)
+  paths, index, share = _expected(tree)
+  report = clipx.stats(state)
+  assert int(report["agc"].source) == index
+  assert report.source_paths()["agc"] == paths[index]
+  np.testing.assert_allclose(float(report["agc"].share), share, rtol=1e-5)
+
+
+def _nonfinite_expected(values: list[np.ndarray]) -> tuple[int, float]:
+  """The first non-finite entry's index and 1 / (number of non-finite entries)."""
+  bad = [not np.isfinite(np.sum(np.square(np.asarray(v, np.float64)))) for v in values]
+  return bad.index(True), 1.0 / sum(bad)
+
+
+def _scope_stats(scope: str, tree) -> tuple[list, list]:
+  """``[(stats, per-entry values the source indexes)]`` of each clip in ``scope``."""
+  params = jax.tree.map(jnp.ones_like, tree)
+  leaves = jax.tree.leaves(tree)
+  modules = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(v)]) for v in tree.values()]
+  if scope == "clip_tree":
+    return [clipx.clip_tree(tree, 1.0)[1]], [leaves]
+  txs = {
+    "global": clipx.clip_by_global_norm(1.0),
+    "skip_spikes": clipx.skip_spikes(optax.sgd(1.0)),
+    "layer": clipx.clip_by_layer_norm(1.0),
+    "module": clipx.clip_by_layer_norm(1.0, group="module"),
+    "global_then_layer": clipx.clip_by_global_then_layer_norm(1.0, 1.0, group="module"),
+    "agc": clipx.adaptive_grad_clip(0.01),
+  }
+  tx = txs[scope]
+  _, state = tx.update(tree, tx.init(params), params)
+  report = clipx.stats(state)
+  if scope == "global_then_layer":
+    return [report["global"], report["layer"]], [modules, modules]
+  entry = {"module": "layer"}.get(scope, scope)
+  return [report[entry]], [modules if scope == "module" else leaves]
+
+
+@pytest.mark.parametrize(
+  "scope", ["clip_tree", "global", "skip_spikes", "layer", "module", "global_then_layer", "agc"]
+)
+@pytest.mark.parametrize(
+  "bad",
+  [
+    {"enc/b": jnp.inf},  # one leaf: share 1
+    {"enc/w": -jnp.inf, "dec/b": jnp.inf},  # two leaves: each holds half
+    {"dec/w": jnp.nan},  # NaN is non-finite too
+    {"enc/b": jnp.inf, "dec/w": jnp.nan},
+  ],
+)
+def test_share_of_a_nonfinite_leaf_is_never_nan(scope, bad):
+  tree = {
+    "dec": {"b": jnp.ones(3), "w": jnp.ones((3, 4))},
+    "enc": {"b": jnp.full(3, 2.0), "w": jnp.ones((3, 4))},
+    "head": jnp.ones(2),
+  }
+  for path, value in bad.items():
+    outer, inner = path.split("/")
+    tree[outer][inner] = tree[outer][inner].at[0].set(value)
+  for stats, values in zip(*_scope_stats(scope, tree)):
+    index, share = _nonfinite_expected(values)
+    assert int(stats.source) == index
+    assert float(stats.share) == pytest.approx(share, rel=1e-6)

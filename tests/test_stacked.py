@@ -209,9 +209,9 @@ def test_stacked_errors_name_the_path():
   with pytest.raises(ValueError, match=r"scale.*rank 1"):
     tx = clipx.clip_by_layer_norm(1.0, stacked=2)
     tx.init(tree)
-  with pytest.raises(ValueError, match="no unit axes are left"):
-    tx = clipx.adaptive_grad_clip(0.1, stacked=1)
-    tx.update(tree, tx.init(tree), tree)
+  unstacked_head = {"blocks": {"kernel": jnp.ones((2, 3))}, "head": jnp.ones((5,))}
+  with pytest.raises(ValueError, match=r"^clipx\.adaptive_grad_clip: stacked=1 .*head"):
+    clipx.adaptive_grad_clip(0.1, stacked=1).init(unstacked_head)
   mixed = {"m": {"kernel": jnp.ones((3, 2, 2)), "bias": jnp.ones((2,))}}
   with pytest.raises(ValueError, match=r"m/bias.*m/kernel"):
     clipx.clip_by_layer_norm(
@@ -256,3 +256,182 @@ def test_stacked_on_eight_devices_matches_one_device():
   result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith("ok")
+
+
+# An int or tuple stacked= says every leaf is stacked alike (the scanned-model trap, issue 24).
+
+PER_LAYER = {
+  "clip_by_layer_norm": lambda s: clipx.clip_by_layer_norm(1.0, stacked=s),
+  "clip_by_global_then_layer_norm": lambda s: clipx.clip_by_global_then_layer_norm(
+    1.0, 1.0, stacked=s
+  ),
+  "adaptive_grad_clip": lambda s: clipx.adaptive_grad_clip(0.1, stacked=s),
+  "adagc": lambda s: clipx.adagc(stacked=s),
+  "rescale_outliers": lambda s: clipx.rescale_outliers(1.0, stacked=s),
+  "normalize_by_layer_norm": lambda s: clipx.normalize_by_layer_norm(stacked=s),
+  "stable_spam_clip": lambda s: clipx.stable_spam_clip(stacked=s),
+  "clip_by_block_rms": lambda s: clipx.clip_by_block_rms(1.0, stacked=s),
+}
+
+
+def _mlp_params():
+  """An ordinary NNX MLP: an unscanned input and output layer around 4 scanned blocks."""
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.input = nnx.Linear(8, 16, rngs=rngs)
+
+      @nnx.split_rngs(splits=LAYERS)
+      @nnx.vmap(in_axes=0, out_axes=0)
+      def blocks(rngs):
+        return nnx.Linear(16, 16, rngs=rngs)
+
+      self.blocks = blocks(rngs)
+      self.output = nnx.Linear(16, 3, rngs=rngs)
+
+  return nnx.state(MLP(nnx.Rngs(0)), nnx.Param)
+
+
+@pytest.mark.parametrize(
+  "owner",
+  [
+    pytest.param(
+      owner,
+      marks=pytest.mark.xfail(
+        owner == "stable_spam_clip",
+        reason="stable_spam_clip's init is rescale_outliers' and names it (clipx/rescaling.py)",
+        strict=True,
+      ),
+    )
+    for owner in sorted(PER_LAYER)
+  ],
+)
+def test_an_int_stacked_refuses_leaves_that_are_not_stacked(owner):
+  # The README's stacked=1 on this model made one group per row of the input kernel and
+  # per element of each bias, silently. Now init refuses, naming stacked and the leaves.
+  params = _mlp_params()
+  for stacked in (1, (0,)):
+    tx = PER_LAYER[owner](stacked)
+    with pytest.raises(ValueError, match=rf"^clipx\.{owner}: stacked=") as error:
+      tx.init(params)
+    message = str(error.value)
+    for text in ("blocks/kernel", "input/kernel", "output/bias", "layer_axes_from_metadata"):
+      assert text in message, (text, message)
+
+
+def test_the_function_form_clips_such_a_model_per_layer():
+  params = _mlp_params()
+  grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x) + x, params)
+  stacked = lambda path, leaf: 1 if "blocks" in clipx.stacking.path_name(path) else 0  # noqa: E731
+  tx = clipx.clip_by_layer_norm(1.0, stacked=stacked)
+  out, state = jax.jit(tx.update)(grads, tx.init(params))
+  assert len(clipx.stats(state)["layer"].norm) == 4 + 2 * LAYERS
+  for i in range(LAYERS):
+    kernel = np.asarray(grads["blocks"]["kernel"][i], np.float64)
+    np.testing.assert_allclose(
+      out["blocks"]["kernel"][i], kernel / np.linalg.norm(kernel), rtol=2e-6
+    )
+  bias = np.asarray(grads["input"]["bias"], np.float64)
+  np.testing.assert_allclose(out["input"]["bias"], bias / np.linalg.norm(bias), rtol=2e-6)
+
+
+def test_stacks_of_different_depths_need_the_function_form():
+  # Every leaf stacked, but an encoder of 2 layers and a decoder of 3: an int cannot tell
+  # this from an unstacked leaf, so it refuses; a function saying so per leaf is taken.
+  rng = np.random.default_rng(0)
+  grads = {
+    "encoder": jnp.asarray(rng.normal(size=(2, 4, 4)) * 3, jnp.float32),
+    "decoder": jnp.asarray(rng.normal(size=(3, 4, 4)) * 3, jnp.float32),
+  }
+  with pytest.raises(ValueError, match=r"\(2,\).*encoder.*lambda path, leaf: 1"):
+    clipx.clip_by_layer_norm(1.0, stacked=1).init(grads)
+  tx = clipx.clip_by_layer_norm(1.0, stacked=lambda path, leaf: 1)
+  out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  for name, depth in (("encoder", 2), ("decoder", 3)):
+    for i in range(depth):
+      layer = np.asarray(grads[name][i], np.float64)
+      np.testing.assert_allclose(out[name][i], layer / np.linalg.norm(layer), rtol=2e-6)
+
+
+# stacked= edge cases: integer arrays, inject_hyperparams, per-layer scalars, owners' names.
+
+ALL_STACKED = {
+  "k": np.random.default_rng(0).normal(size=(LAYERS, 5, 3)) * 3,
+  "b": np.random.default_rng(1).normal(size=(LAYERS, 3)),
+  "s": np.random.default_rng(2).normal(size=(LAYERS,)) * 2,
+}
+
+
+def _all_stacked(scale=1.0):
+  return {k: jnp.asarray(v * scale, jnp.float32) for k, v in ALL_STACKED.items()}
+
+
+@pytest.mark.parametrize(
+  "stacked",
+  [np.array(1), jnp.array(1), np.int32(1), (np.array(0),), lambda path, leaf: np.array(1)],
+  ids=["np.array", "jnp.array", "np.int32", "tuple of array", "function giving an array"],
+)
+def test_integer_scalar_arrays_are_ints(stacked):
+  grads = _all_stacked(2.0)
+  tx = clipx.clip_by_layer_norm(1.0, stacked=stacked)
+  out, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  for name, g in grads.items():
+    g = np.asarray(g, np.float64)
+    norms = np.sqrt(np.sum(g.reshape(LAYERS, -1) ** 2, axis=1))
+    scale = np.minimum(1.0, 1.0 / norms).reshape((LAYERS,) + (1,) * (g.ndim - 1))
+    np.testing.assert_allclose(out[name], g * scale, rtol=2e-6)
+
+
+def test_agc_takes_a_per_layer_scalar_as_clip_by_layer_norm_does():
+  # A (L,) leaf (a layer scale) under stacked=1: one scalar per layer, each one unit,
+  # exactly as its L unstacked scalar leaves.
+  grads, params = _all_stacked(3.0), _all_stacked(1.0)
+  out = _agc(clipx.adaptive_grad_clip(0.05, stacked=1), grads, params)
+  for i in range(LAYERS):
+    twin = _agc(clipx.adaptive_grad_clip(0.05), _layer(grads, i), _layer(params, i))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6), _layer(out, i), twin)
+  g, p = np.asarray(grads["s"], np.float64), np.asarray(params["s"], np.float64)
+  bound = 0.05 * np.maximum(np.abs(p), 1e-3)
+  np.testing.assert_allclose(out["s"], np.where(np.abs(g) > bound, np.sign(g) * bound, g), 1e-6)
+
+
+INJECTABLE = ["adagc", "adaptive_grad_clip", "clip_by_block_rms", "clip_by_layer_norm"]
+INJECTABLE += ["stable_spam_clip"]
+
+
+def _injected_run(owner, jit, **inject):
+  tx = optax.inject_hyperparams(getattr(clipx, owner), **inject)(
+    *{"adaptive_grad_clip": (0.1,), "clip_by_layer_norm": (1.0,)}.get(owner, ()), stacked=1
+  )
+  grads, params = _all_stacked(3.0), _all_stacked(1.0)
+  update = jax.jit(tx.update) if jit else tx.update
+  return update(grads, tx.init(params), params)[0]
+
+
+@pytest.mark.parametrize("owner", INJECTABLE)
+def test_inject_hyperparams_takes_stacked(owner):
+  plain = {"adaptive_grad_clip": (0.1,), "clip_by_layer_norm": (1.0,)}.get(owner, ())
+  tx = getattr(clipx, owner)(*plain, stacked=1)
+  grads, params = _all_stacked(3.0), _all_stacked(1.0)
+  expected, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  # Eagerly the injected int is a concrete array: it works.
+  eager = _injected_run(owner, jit=False)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), eager, expected)
+  # Under jit it is traced, and layer axes fix shapes: the error says what to do.
+  with pytest.raises(TypeError, match=rf"^clipx\.{owner}: stacked .*static_args=\(\"stacked\",\)"):
+    _injected_run(owner, jit=True)
+  static = _injected_run(owner, jit=True, static_args=("stacked",))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), static, expected)
+
+
+@pytest.mark.parametrize("owner", ["adagc", "clip_by_global_then_layer_norm"])
+def test_errors_name_the_function_called(owner):
+  tree = {"w": jnp.ones((LAYERS, 4))}
+  make = PER_LAYER[owner]
+  for stacked in (3, (5,), lambda path, leaf: 9):
+    with pytest.raises(ValueError, match=rf"^clipx\.{owner}: "):
+      make(stacked).init(tree)
+  tx = make(1)
+  with pytest.raises(ValueError, match=rf"^clipx\.{owner}: updates have"):
+    tx.update({"w": jnp.ones((2, 4))}, tx.init(tree))

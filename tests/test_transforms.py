@@ -406,3 +406,51 @@ def test_agc_overflow_fallback_matches_formula():
     np.asarray(out["b"]), b_bound * np.array([1, 2]) / np.sqrt(5), rtol=1e-6
   )
   np.testing.assert_allclose(float(state.stats.norm), np.sqrt(17) * 1e30, rtol=1e-6)
+
+
+def _agc_reference(g, p, clipping, eps=1e-3):
+  """AGC of a (in, out) kernel in float64, units are columns; a non-finite param norm: no bound."""
+  g_norm = np.linalg.norm(g, axis=0, keepdims=True)
+  with np.errstate(invalid="ignore"):
+    p_norm = np.linalg.norm(p, axis=0, keepdims=True)
+    bound = np.where(np.isfinite(p_norm), clipping * np.maximum(p_norm, eps), np.inf)
+    return np.where(g_norm > bound, g * (bound / g_norm), g)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("jit", [False, True])
+def test_agc_leaves_a_unit_with_a_nonfinite_param_unclipped(bad, dtype, jit):
+  # The contract: a unit whose parameter norm is not finite has no bound (its parameter,
+  # not the gradient, is what went wrong), so its finite gradient passes unchanged;
+  # every other unit is clipped as usual. NaN used to turn the unit's gradient into NaN.
+  rng = np.random.default_rng(5)
+  g = (rng.normal(size=(3, 4)) * 3).astype(np.float32)
+  p = rng.normal(size=(3, 4)).astype(np.float32)
+  p[1, 2] = bad  # unit (column) 2
+  b_g, b_p = np.array([4.0, -3.0], np.float32), np.array([bad, 1.0], np.float32)  # one unit
+  grads = {"w": jnp.asarray(g, dtype), "b": jnp.asarray(b_g, dtype)}
+  params = {"w": jnp.asarray(p, dtype), "b": jnp.asarray(b_p, dtype)}
+  tx = clipx.adaptive_grad_clip(0.1)
+  update = jax.jit(tx.update) if jit else tx.update
+  out, state = update(grads, tx.init(params), params)
+  as64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
+  expected_w = _agc_reference(as64(grads["w"]), as64(params["w"]), 0.1)
+  expected_b = _agc_reference(as64(grads["b"])[:, None], as64(params["b"])[:, None], 0.1)[:, 0]
+  rtol = 1e-6 if dtype == jnp.float32 else 1e-2
+  assert out["w"].dtype == dtype and out["b"].dtype == dtype
+  np.testing.assert_allclose(as64(out["w"]), expected_w, rtol=rtol)
+  np.testing.assert_allclose(as64(out["b"]), expected_b, rtol=rtol)
+  assert not np.array_equal(expected_w[:, 0], as64(grads["w"])[:, 0])  # other units clipped
+  np.testing.assert_array_equal(as64(out["w"])[:, 2], as64(grads["w"])[:, 2])
+  assert bool(state.stats.clipped) and np.isfinite(float(state.stats.clipped_norm))
+
+
+def test_agc_zero_ratio_zeroes_even_a_unit_with_an_infinite_param():
+  # A run-time ratio of 0 (a schedule decayed to 0) scales every unit to zero, as in every
+  # scope: 0 * inf must not make the unit's gradient NaN.
+  grads = {"w": jnp.array([[3.0, 4.0], [1.0, 2.0]])}
+  params = {"w": jnp.array([[1.0, jnp.inf], [1.0, 2.0]])}
+  tx = clipx.adaptive_grad_clip(lambda count: 0.0)
+  out, _ = _update(tx, grads, params)
+  np.testing.assert_array_equal(np.asarray(out["w"]), np.zeros((2, 2)))
