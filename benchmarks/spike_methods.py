@@ -112,6 +112,32 @@ def main(argv=None) -> str:
     "adam, update block_rms": optax.chain(
       optax.scale_by_adam(), clipx.clip_by_block_rms(1.0), optax.scale(-1e-3)
     ),
+    # Issue 25: StableAdamW's per-tensor RMS cut (wraps AdamW: reads its nu), Clippy
+    # after the optimizer (needs params), Fira's growth limiter per tensor before Adam.
+    "stable_adamw_clip(adamw)": clipx.stable_adamw_clip(
+      optax.adamw(1e-3, b2=0.99, eps=1e-6, weight_decay=1e-2), b2=0.99, eps=1e-6
+    ),
+    "adam, then clippy": optax.chain(adam(), clipx.clippy(0.1, 1e-7)),
+    "growth_limit per tensor + adam": optax.chain(
+      clipx.clip_by_layer_norm(clipx.growth_limit(1.01)), adam()
+    ),
+    # Issue 25: SPAM (Adam with the spike clip against its own v and moment resets:
+    # an optimizer of its own); QK-Clip after Adam on stand-in query and key kernels
+    # (each bottleneck's first and second conv, 4 "heads" on the output channels; a
+    # ResNet has no attention), fed one logit per head that clips half of them.
+    "spam": clipx.spam(1e-3),
+    "adam, then qk_clip": optax.chain(
+      adam(),
+      clipx.qk_clip(
+        100.0,
+        query=lambda path: clipx.stacking.path_name(path).endswith("/a/conv"),
+        key=lambda path: clipx.stacking.path_name(path).endswith("/b/conv"),
+        heads=4,
+      ),
+    ),
+    "global 1.0 + adamw": optax.chain(
+      clipx.clip_by_global_norm(1.0), optax.adamw(1e-3, b2=0.99, eps=1e-6, weight_decay=1e-2)
+    ),
     # Like-for-like references: a fixed clip in the same places. A second norm
     # scope after a clip (AdaGC's global then per-tensor clip, Stable-SPAM's two
     # stages) or a clip after Adam needs the clipped tree (or Adam's update)
@@ -144,9 +170,10 @@ def main(argv=None) -> str:
 
   cases = {}
   for name, tx in cases_tx.items():
+    extra = {"attention_logits": jnp.array([50.0, 150.0, 99.0, 400.0])} if "qk" in name else {}
 
-    def step(params, state, grads, tx=tx):
-      updates, state = tx.update(grads, state, params)
+    def step(params, state, grads, tx=tx, extra=extra):
+      updates, state = tx.update(grads, state, params, **extra)
       return optax.apply_updates(params, updates), state
 
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), grads).compile()

@@ -6,6 +6,8 @@ float, an Optax schedule, or an adaptive policy), and wrappers choose the
 response (scale down, or skip the step).
 """
 
+from clipx.clippy import ClippyState, clippy
+from clipx.growth_limit import GrowthLimitState, growth_limit
 from clipx.guards import (
   SkipNonfiniteState,
   SkipSpikesState,
@@ -24,6 +26,7 @@ from clipx.privacy import (
   gradient_noise_multiplier,
   private_quantile,
 )
+from clipx.qk_clip import QKClipState, qk_clip
 from clipx.rescaling import (
   EmaPeakState,
   LayerNormalizeState,
@@ -33,6 +36,8 @@ from clipx.rescaling import (
   rescale_outliers,
   stable_spam_clip,
 )
+from clipx.spam import SpamState, scale_by_spam, spam
+from clipx.stable_adamw import StableAdamWClipState, stable_adamw_clip
 from clipx.stats import ClipStats, NonfiniteStats, SkipStats, StatsReport, stats
 from clipx.thresholds import (
   AutoClipState,
@@ -71,9 +76,11 @@ __all__ = [
   "AddNoiseState",
   "AutoClipState",
   "ClipStats",
+  "ClippyState",
   "EmaPeakState",
   "EmaRatioState",
   "GlobalNormClipState",
+  "GrowthLimitState",
   "LayerNormClipState",
   "LayerNormalizeState",
   "NonfiniteStats",
@@ -81,10 +88,13 @@ __all__ = [
   "PerExampleClipState",
   "PerExampleGrad",
   "PrivateQuantileState",
+  "QKClipState",
   "QuantileState",
   "SkipNonfiniteState",
   "SkipSpikesState",
   "SkipStats",
+  "SpamState",
+  "StableAdamWClipState",
   "StatsReport",
   "ThresholdPolicy",
   "ValueClipState",
@@ -103,18 +113,24 @@ __all__ = [
   "clip_by_value",
   "clip_tree",
   "clipped_grad",
+  "clippy",
   "ema_peak",
   "ema_ratio",
   "global_norm",
   "gradient_noise_multiplier",
+  "growth_limit",
   "layer_axes_from_metadata",
   "layer_groups",
   "normalize_by_layer_norm",
   "private_quantile",
+  "qk_clip",
   "quantile",
   "rescale_outliers",
+  "scale_by_spam",
   "skip_nonfinite",
   "skip_spikes",
+  "spam",
+  "stable_adamw_clip",
   "stable_spam_clip",
   "stats",
   "unit_axes",

@@ -1,4 +1,4 @@
-"""Every ```python block of the README runs on its own, in a fresh interpreter.
+"""Every ```python block of the README and its moved pages runs on its own, in a fresh interpreter.
 
 A reader copies one block, not the page: each block carries its own imports.
 The blocks that build a mesh run on 8 simulated CPU devices, and the
@@ -21,7 +21,23 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"^```python\n(.*?)^```$", (ROOT / "README.md").read_text(), re.S | re.M)
+# The README and the pages its experiments, numerics and scaling-out sections moved to.
+PAGES = [ROOT / "README.md"] + [
+  ROOT / "docs" / f"{name}.md"
+  for name in (
+    "thresholds-and-spikes",
+    "language-model",
+    "privacy",
+    "numerics",
+    "scaling-out",
+    "examples",
+  )
+]
+BLOCKS = [
+  block
+  for page in PAGES
+  for block in re.findall(r"^```python\n(.*?)^```$", page.read_text(), re.S | re.M)
+]
 
 # A one-process SLURM job: what jax.distributed.initialize() finds on a cluster.
 SLURM = {
