@@ -3,10 +3,14 @@
 import argparse
 import importlib
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from examples import cli
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples import cli  # noqa: E402
 
 # (module, flag, bad value): each used to be accepted and train to chance or print NaN.
 BAD_FLAGS = [

@@ -1,5 +1,8 @@
 """QK-Clip (clipx/qk_clip.py) against the Kimi K2 report's formula in numpy, and on the LM."""
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,10 @@ from orbax_roundtrip import save_and_restore
 
 import clipx
 from clipx.stacking import path_name
-from examples import lm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples import lm  # noqa: E402
 
 TAU = 5.0
 

@@ -1,8 +1,13 @@
 """examples/spike_methods.py runs every method for a few steps and reports what it did."""
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np
 
-from examples import spike_methods
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from examples import spike_methods  # noqa: E402
 
 
 def test_every_method_trains_on_the_rnn_task_and_counts_its_clips():
