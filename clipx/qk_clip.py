@@ -218,8 +218,9 @@ def qk_clip(
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.zeros_like, params)
     >>> updates, state = tx.update(grads, state, params, attention_logits=jnp.array([16.0, 1.0]))
-    >>> optax.apply_updates(params, updates)["q"][0].tolist()  # head 0 by sqrt(4 / 16)
-    [0.5, 0.5, 1.0, 1.0]
+    >>> new_q = optax.apply_updates(params, updates)["q"]
+    >>> print(*new_q[0].tolist())  # head 0 scaled by sqrt(4 / 16)
+    0.5 0.5 1.0 1.0
   """
   owner = "qk_clip"
   validation.positive(owner, "threshold", threshold, finite=True)

@@ -308,8 +308,14 @@ def spam(
 
   Args:
     learning_rate: a float or an Optax schedule.
-    b1, b2, eps, threshold, interval, warmup, delay, axis_name: as in
-      :func:`scale_by_spam`.
+    b1: as in :func:`scale_by_spam`.
+    b2: as in :func:`scale_by_spam`.
+    eps: as in :func:`scale_by_spam`.
+    threshold: as in :func:`scale_by_spam`.
+    interval: as in :func:`scale_by_spam`.
+    warmup: as in :func:`scale_by_spam`.
+    delay: as in :func:`scale_by_spam`.
+    axis_name: as in :func:`scale_by_spam`.
     weight_decay: decoupled weight decay, >= 0 (the reference's default 0).
 
   Returns:
@@ -325,8 +331,9 @@ def spam(
     >>> tx = clipx.spam(1e-3)
     >>> params = {"w": jnp.ones(2)}
     >>> updates, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
-    >>> [round(float(u), 6) for u in optax.apply_updates(params, updates)["w"]]
-    [0.999, 0.999]
+    >>> new_w = optax.apply_updates(params, updates)["w"]
+    >>> print(*(round(float(u), 6) for u in new_w))
+    0.999 0.999
   """
   validation.nonnegative("spam", "weight_decay", weight_decay, finite=True)
   if not callable(learning_rate):
