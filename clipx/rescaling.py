@@ -406,6 +406,36 @@ def _outlier_stats(outliers: _Outliers, previous: ClipStats) -> ClipStats:
   )
 
 
+def _outlier_rescale_init(
+  owner: str, params: Any, policy: ThresholdPolicy, stacked_fn: stacking.StackedFn
+) -> OutlierRescaleState:
+  """``rescale_outliers``' initial state; ``owner`` is the function errors name."""
+  groups = _leaf_groups(owner, params, stacked_fn)
+  dtype = _norm_dtype(params)
+  shape = (groups.num_groups,)
+  return OutlierRescaleState(
+    init_clip_stats(shape, dtype),
+    policy.init(jnp.zeros(shape, dtype)),
+    stacking.GroupNames(tuple(groups.names)),
+  )
+
+
+def _layer_normalize_init(
+  owner: str, params: Any, stacked_fn: stacking.StackedFn
+) -> LayerNormalizeState:
+  """``normalize_by_layer_norm``'s initial state; ``owner`` is the function errors name."""
+  groups = _leaf_groups(owner, params, stacked_fn)
+  dtype = _norm_dtype(params)
+  shape = (groups.num_groups,)
+  return LayerNormalizeState(
+    init_clip_stats(shape, dtype),
+    count=jnp.zeros(shape, jnp.int32),
+    mean=jnp.zeros(shape, dtype),
+    second=jnp.zeros(shape, dtype),
+    names=stacking.GroupNames(tuple(groups.names)),
+  )
+
+
 def rescale_outliers(
   threshold: Threshold,
   *,
@@ -468,14 +498,7 @@ def rescale_outliers(
   stacked_fn = stacking.as_stacked_fn(owner, stacked)
 
   def init_fn(params):
-    groups = _leaf_groups(owner, params, stacked_fn)
-    dtype = _norm_dtype(params)
-    shape = (groups.num_groups,)
-    return OutlierRescaleState(
-      init_clip_stats(shape, dtype),
-      policy.init(jnp.zeros(shape, dtype)),
-      stacking.GroupNames(tuple(groups.names)),
-    )
+    return _outlier_rescale_init(owner, params, policy, stacked_fn)
 
   def update_fn(updates, state, params=None):
     del params
@@ -612,16 +635,7 @@ def normalize_by_layer_norm(
   stacked_fn = stacking.as_stacked_fn(owner, stacked)
 
   def init_fn(params):
-    groups = _leaf_groups(owner, params, stacked_fn)
-    dtype = _norm_dtype(params)
-    shape = (groups.num_groups,)
-    return LayerNormalizeState(
-      init_clip_stats(shape, dtype),
-      count=jnp.zeros(shape, jnp.int32),
-      mean=jnp.zeros(shape, dtype),
-      second=jnp.zeros(shape, dtype),
-      names=stacking.GroupNames(tuple(groups.names)),
-    )
+    return _layer_normalize_init(owner, params, stacked_fn)
 
   def update_fn(updates, state, params=None):
     del params
@@ -724,11 +738,13 @@ def stable_spam_clip(
   validation.nonnegative(owner, "eps", eps, finite=True)
   stacked_fn = stacking.as_stacked_fn(owner, stacked)
   policy = ema_peak(theta)
-  clip = rescale_outliers(policy, stacked=stacked, axis_name=axis_name)
-  normalize = normalize_by_layer_norm(gamma1, gamma2, eps, stacked=stacked, axis_name=axis_name)
 
   def init_fn(params):
-    return clip.init(params), normalize.init(params)
+    # The two halves' states, built under this function's name so errors name it.
+    return (
+      _outlier_rescale_init(owner, params, policy, stacked_fn),
+      _layer_normalize_init(owner, params, stacked_fn),
+    )
 
   def update_fn(updates, state, params=None):
     del params

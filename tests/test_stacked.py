@@ -293,20 +293,7 @@ def _mlp_params():
   return nnx.state(MLP(nnx.Rngs(0)), nnx.Param)
 
 
-@pytest.mark.parametrize(
-  "owner",
-  [
-    pytest.param(
-      owner,
-      marks=pytest.mark.xfail(
-        owner == "stable_spam_clip",
-        reason="stable_spam_clip's init is rescale_outliers' and names it (clipx/rescaling.py)",
-        strict=True,
-      ),
-    )
-    for owner in sorted(PER_LAYER)
-  ],
-)
+@pytest.mark.parametrize("owner", sorted(PER_LAYER))
 def test_an_int_stacked_refuses_leaves_that_are_not_stacked(owner):
   # The README's stacked=1 on this model made one group per row of the input kernel and
   # per element of each bias, silently. Now init refuses, naming stacked and the leaves.

@@ -459,3 +459,10 @@ def test_orbax_round_trip_gives_the_identical_next_update(tmp_path):
   got = update(grads[6], restored, params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_block_rms_errors_name_it_not_the_layer_clip_it_is_built_on():
+  tx = clipx.clip_by_block_rms(1.0)
+  state = tx.init({"a": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"^clipx\.clip_by_block_rms: updates have 2 groups"):
+    tx.update({"a": jnp.ones(3), "b": jnp.ones(2)}, state)
