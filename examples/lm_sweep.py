@@ -35,7 +35,8 @@ unigram baseline, with the largest attention logit 2e5 (against 54 at 1e-2);
 a step costs about 20 ms at 4 layers, so 8 methods x 7 rates x 3 seeds of 500
 steps fit in the ~45 minutes the sweep may take on 2 cores (it took 51 with
 other work beside it). ``--from-results FILE`` re-summarizes a finished sweep
-without training.
+without training, or with ``--methods`` trains those methods at its settings
+and adds them to it (the frontier methods were added so, in a second run).
 
 To refresh the committed files::
 
@@ -72,6 +73,11 @@ METHODS: dict[str, tuple[str, float | None]] = {
   "stable_spam_clip": ("stable_spam_clip", None),
   "skip_spikes": ("skip_spikes", None),
   "block_rms 1.0 (update)": ("block_rms", 1.0),
+  "growth_limit 1.01 (Fira)": ("growth_limit", None),
+  "stable_adamw": ("stable_adamw", None),
+  "spam": ("spam", None),
+  "clippy": ("clippy", None),
+  "qk_clip 100": ("qk_clip", 100.0),
 }
 DEFAULT_LRS = "1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1"
 TRAINS_WITHIN = 1.1  # a run trains: final loss at most 10% above its seed's best in the sweep
@@ -101,7 +107,7 @@ def make_grid_runner(args: argparse.Namespace, clip: str, max_norm: float | None
 
   def run(lr, params, seed):
     tx = train_lm.make_optimizer(
-      clip, max_norm, train_lm.schedule(lr, args.steps, args.warmup_steps), stacked
+      clip, max_norm, train_lm.schedule(lr, args.steps, args.warmup_steps), stacked, args.heads
     )
     probe = train_lm.forensics_probe(stacked)
     step = train_lm.make_train_step(definition.apply_fn, tx, probe, args.batch_size, args.seq_len)
@@ -220,7 +226,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     description="Learning-rate sensitivity of the byte-level transformer, per clipping method.",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument("--methods", default=",".join(METHODS), help=f"of: {', '.join(METHODS)}")
+  parser.add_argument(
+    "--methods",
+    default=None,
+    help=f"comma-separated, of: {', '.join(METHODS)} (default: all; with --from-results: none)",
+  )
   parser.add_argument("--lrs", default=DEFAULT_LRS, help="comma-separated learning rates")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--steps", type=cli.positive_int, default=500)
@@ -236,10 +246,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--out", default="runs/lm-lr-sweep", help="folder for the results file")
   parser.add_argument("--figure", default=None, help="default: <out>/lm_lr_sweep.png")
   parser.add_argument(
-    "--from-results", default=None, help="re-summarize this lm-lr-sweep.json's grid; no training"
+    "--from-results",
+    default=None,
+    help="start from this lm-lr-sweep.json (its settings and grid): re-summarize it, and"
+    " train only the --methods given, adding or replacing them",
   )
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)
+  if args.methods is None:
+    args.methods = "" if args.from_results else ",".join(METHODS)
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   unknown = [m for m in args.methods if m not in METHODS]
   if unknown:
@@ -320,7 +335,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         setattr(args, key, value)
     args.lrs, args.seeds = previous["learning_rates"], previous["seeds"]
     grid, timings = previous["grid"], previous["seconds_per_method"]
-    args.methods = []
     start -= previous.get("wall_seconds", 0.0)
   methods = tqdm(args.methods, disable=args.quiet, desc="methods")
   for method in methods:

@@ -59,7 +59,9 @@ if not __package__:  # run as a script: make the examples package importable
 from examples import cli, lm, lm_data, lm_report  # noqa: E402
 
 # --clip -> where it goes ("gradient": before AdamW; "update": after Adam's preconditioner;
-# "wrap": around AdamW) and its default --max-norm (None: an adaptive policy or none).
+# "wrap": around AdamW; "after": after AdamW's whole step; "optimizer": an optimizer of its
+# own in AdamW's place) and its default --max-norm (None: an adaptive policy or none; for
+# qk_clip it is the largest attention logit allowed, tau).
 CLIPS: dict[str, tuple[str | None, float | None]] = {
   "none": (None, None),
   "value": ("gradient", 0.1),
@@ -75,6 +77,11 @@ CLIPS: dict[str, tuple[str | None, float | None]] = {
   "skip_spikes": ("wrap", None),
   "window_zscore": ("update", None),
   "block_rms": ("update", 1.0),
+  "growth_limit": ("gradient", None),
+  "stable_adamw": ("optimizer", None),
+  "spam": ("optimizer", None),
+  "clippy": ("after", None),
+  "qk_clip": ("after", 100.0),
 }
 WEIGHT_DECAY = 0.1
 BETAS = (0.9, 0.95)
@@ -164,15 +171,50 @@ def schedule(lr: Any, steps: int, warmup_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(
-  clip: str, max_norm: float | None, lr: optax.ScalarOrSchedule, stacked: Any
+  clip: str,
+  max_norm: float | None,
+  lr: optax.ScalarOrSchedule,
+  stacked: Any,
+  heads: int = 4,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW with ``clip`` where it belongs; ``stacked`` gives the layer axes per leaf.
+
+  Its ``update`` takes ``attention_logits=`` (the model's ``(layers, heads)``
+  logit maxima), which only ``qk_clip`` reads.
+  """
+  return optax.with_extra_args_support(_optimizer(clip, max_norm, lr, stacked, heads))
+
+
+def _optimizer(
+  clip: str, max_norm: float | None, lr: optax.ScalarOrSchedule, stacked: Any, heads: int
 ) -> optax.GradientTransformation:
-  """AdamW with ``clip`` where it belongs; ``stacked`` gives the layer axes per leaf."""
   where, _ = CLIPS[clip]
   adamw = optax.adamw(lr, *BETAS, weight_decay=WEIGHT_DECAY)
   if where is None:
     return adamw
   if where == "wrap":
     return clipx.skip_spikes(adamw)
+  if clip == "stable_adamw":  # AdamW's step divided by max(1, RMS(g^2 / v)) per tensor
+    return clipx.stable_adamw_clip(adamw, b2=BETAS[1], eps=1e-8, stacked=stacked)
+  if clip == "spam":
+    # The authors' spike threshold and reset warm-up; AdamW's betas, eps and decay here.
+    # Moments reset every 100 steps (the authors' 500 would never fall inside a 500-step run).
+    return clipx.spam(
+      lr, *BETAS, eps=1e-8, weight_decay=WEIGHT_DECAY, interval=100, warmup=30, delay=20
+    )
+  if clip == "clippy":  # the authors' bounds: 0.1 |w| + 1e-7 per weight, one factor per tensor
+    return optax.chain(adamw, clipx.clippy(0.1, 1e-7, stacked=stacked))
+  if clip == "qk_clip":
+    return optax.chain(
+      adamw,
+      clipx.qk_clip(
+        max_norm,
+        query=lambda path: clipx.stacking.path_name(path).endswith("attn/query/kernel"),
+        key=lambda path: clipx.stacking.path_name(path).endswith("attn/key/kernel"),
+        heads=heads,
+        stacked=stacked,
+      ),
+    )
   if where == "update":
     policy = clipx.window_zscore() if clip == "window_zscore" else None
     update_clip = (
@@ -197,6 +239,8 @@ def make_optimizer(
     "quantile": lambda: clipx.clip_by_global_norm(clipx.quantile()),
     "adagc": lambda: clipx.adagc(stacked=stacked),
     "stable_spam_clip": lambda: clipx.stable_spam_clip(stacked=stacked),
+    # Fira's limiter: each layer's gradient norm grows at most 1.01x per step.
+    "growth_limit": lambda: clipx.clip_by_layer_norm(clipx.growth_limit(1.01), stacked=stacked),
   }
   return optax.chain(gradient_clips[clip](), adamw)
 
@@ -226,7 +270,7 @@ def make_train_step(
     windows = lm_data.sample_windows(key, data, batch_size, seq_len)
     grad_fn = jax.value_and_grad(lambda p: lm.next_byte_loss(apply_fn, p, windows), has_aux=True)
     (loss, logit_max), grads = grad_fn(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, attention_logits=logit_max)
     params = optax.apply_updates(params, updates)
     _, probe_state = probe.update(grads, probe_state)
     metrics = {
@@ -269,7 +313,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
   model = lm.init(config_of(args), seed=args.seed)
   stacked = layer_axes(model)
   lr = schedule(args.lr, args.steps, args.warmup_steps)
-  tx = make_optimizer(args.clip, args.max_norm, lr, stacked)
+  tx = make_optimizer(args.clip, args.max_norm, lr, stacked, args.heads)
   probe = forensics_probe(stacked)
   params, opt_state, probe_state = model.params, tx.init(model.params), probe.init(model.params)
   train_step = jax.jit(

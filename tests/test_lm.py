@@ -171,7 +171,9 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize(
   "clip",
   ["global", *(pytest.param(c, marks=SLOW) for c in ("none", "layer", "adagc", "skip_spikes"))]
-  + [pytest.param("block_rms", marks=SLOW)],
+  + [pytest.param("block_rms", marks=SLOW)]
+  + [pytest.param(c, marks=SLOW) for c in ("growth_limit", "stable_adamw", "spam", "clippy")]
+  + [pytest.param("qk_clip", marks=SLOW)],
 )
 def test_train_lm_runs_and_writes_the_metrics(tmp_path, clip):
   results = train_lm.main([*TINY, "--clip", clip, "--out", str(tmp_path)])
@@ -192,6 +194,30 @@ def test_both_layer_layouts_train_alike():
   assert any(first["clipped"])
   np.testing.assert_allclose(first["step_loss"], second["step_loss"], rtol=1e-5)
   np.testing.assert_allclose(first["grad_norm"], second["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer_axis", [0, 1])
+def test_qk_clip_in_the_lm_scales_each_layers_query_and_key_heads(layer_axis):
+  # lr 0: AdamW moves nothing, so the step is QK-Clip's alone: head h of layer l has its
+  # query and key columns multiplied by sqrt(min(1, tau / S[l, h])), its values untouched.
+  config = lm.LMConfig(layers=2, width=16, heads=2, seq_len=8, layer_axis=layer_axis)
+  definition = lm.define(config)
+  params = definition.create_params(0)
+  stacked = train_lm.layer_axes(definition)
+  tx = train_lm.make_optimizer("qk_clip", 100.0, 0.0, stacked, heads=2)
+  logits = jnp.array([[400.0, 50.0], [50.0, 1600.0]])  # (layers, heads)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params, attention_logits=logits)
+  new = jax.tree.map(lambda p, u: p + u, params, updates)
+  factor = np.sqrt(np.minimum(1.0, 100.0 / np.asarray(logits)))  # [[.5, 1], [1, .25]]
+  for name in ("query", "key", "value"):
+    before = np.moveaxis(np.asarray(params["blocks"]["attn"][name]["kernel"]), layer_axis, 0)
+    after = np.moveaxis(np.asarray(new["blocks"]["attn"][name]["kernel"]), layer_axis, 0)
+    expected = before.reshape(2, 16, 2, 8).copy()
+    if name != "value":
+      expected *= factor[:, None, :, None]
+    np.testing.assert_allclose(after, expected.reshape(before.shape), rtol=1e-6)
+  np.testing.assert_array_equal(new["head"]["kernel"], params["head"]["kernel"])
 
 
 @pytest.mark.parametrize("flags", [["--lr", "-1"], ["--steps", "0"], ["--width", "15"]])
