@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from clipx import norms, validation
-from clipx.thresholds import ThresholdPolicy, policy_factory
+from clipx.thresholds import ThresholdPolicy, policy_factory, quantile_step
 
 
 class AddNoiseState(NamedTuple):
@@ -336,11 +336,9 @@ def private_quantile(
     noise = jnp.asarray(count_noise, dtype) * jax.random.normal(step_key, (), dtype)
     size = jnp.asarray(batch_size, dtype)
     noisy_count = jnp.sum(centred) + noise + size / 2
-    fraction = noisy_count / size
-    step = jnp.asarray(learning_rate, dtype) * (fraction - jnp.asarray(target_quantile, dtype))
-    info = jnp.finfo(dtype)
-    ceiling = jnp.minimum(info.max, jnp.asarray(max_threshold, dtype))
-    moved = jnp.clip(current * jnp.exp(-step), info.tiny, ceiling)
+    moved = quantile_step(
+      current, noisy_count / size, target_quantile, learning_rate, max_threshold
+    )
     return current, PrivateQuantileState(moved, jax.random.key_data(next_key), noisy_count)
 
   return ThresholdPolicy(init, update)

@@ -576,6 +576,26 @@ class QuantileState(NamedTuple):
   threshold: jax.Array
 
 
+def quantile_step(
+  current: jax.Array,
+  fraction: jax.Array,
+  target_quantile: chex.Numeric,
+  learning_rate: chex.Numeric,
+  max_threshold: chex.Numeric,
+) -> jax.Array:
+  """Andrew et al.'s geometric update: ``C * exp(-lr * (fraction - target))``.
+
+  Kept in ``[tiny, min(max_threshold, dtype max)]`` of ``current``'s dtype.
+  Shared by :func:`quantile` (the exact unclipped fraction) and
+  :func:`clipx.private_quantile` (a noisy one).
+  """
+  dtype = current.dtype
+  step = jnp.asarray(learning_rate, dtype) * (fraction - jnp.asarray(target_quantile, dtype))
+  info = jnp.finfo(dtype)
+  ceiling = jnp.minimum(info.max, jnp.asarray(max_threshold, dtype))
+  return jnp.clip(current * jnp.exp(-step), info.tiny, ceiling)
+
+
 @policy_factory
 def quantile(
   target_quantile: chex.Numeric = 0.5,
@@ -660,12 +680,7 @@ def quantile(
     counted = jnp.sum(recorded, axis=0)
     unclipped = jnp.sum(recorded & (batch <= current), axis=0)
     fraction = unclipped.astype(current.dtype) / jnp.maximum(counted, 1).astype(current.dtype)
-    step = jnp.asarray(learning_rate, current.dtype) * (
-      fraction - jnp.asarray(target_quantile, current.dtype)
-    )
-    info = jnp.finfo(current.dtype)
-    ceiling = jnp.minimum(info.max, jnp.asarray(max_threshold, current.dtype))
-    moved = jnp.clip(current * jnp.exp(-step), info.tiny, ceiling)
+    moved = quantile_step(current, fraction, target_quantile, learning_rate, max_threshold)
     new_threshold = jnp.where(counted > 0, moved, current)
     return current, QuantileState(new_threshold)
 
