@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from orbax_roundtrip import save_and_restore
+from orbax_roundtrip import assert_resumes_identically
 
 import clipx
 from clipx.stacking import path_name
@@ -181,17 +181,7 @@ def test_orbax_round_trip(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint", reason="orbax-checkpoint is the `checkpoint` extra")
   x, params, grads = _problem(4, 2)
   s = _numpy_max_logits(x, params["wq"], params["wk"], 4, 2)
-  tx = _tx(4, 2)
-  update = jax.jit(tx.update)
-  state = jax.device_put(tx.init(params), jax.devices()[0])
-  _, state = update(grads, state, params, attention_logits=s)
-  restored = save_and_restore(ocp, state, tmp_path)
-  expected, got = (
-    update(grads, state, params, attention_logits=s),
-    update(grads, restored, params, attention_logits=s),
-  )
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(a, b)
+  assert_resumes_identically(ocp, _tx(4, 2), [grads, grads], params, tmp_path, attention_logits=s)
 
 
 def test_axis_name_takes_the_largest_logit_over_the_batch_shards():
