@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import optax
+import pytest
 
 import clipx
 
@@ -40,6 +41,7 @@ def test_global_norm_compile_time_grows_at_most_linearly():
   assert large / small < 6, (small, large)
 
 
+@pytest.mark.slow
 def test_clip_and_sgd_compile_time_grows_at_most_linearly():
   tx = optax.chain(clipx.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
 

@@ -141,6 +141,7 @@ def test_clipped_grad_with_an_empty_parameter():
   np.testing.assert_allclose(np.asarray(stats.norm), [5.0, 0.1], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_empty_leaves_on_eight_devices():
   code = textwrap.dedent(
     """

@@ -88,6 +88,7 @@ def test_count_noise_has_std_count_noise_and_is_fresh_every_step():
   assert abs(np.corrcoef(noise[:-1], noise[1:])[0, 1]) < 5 / math.sqrt(steps)
 
 
+@pytest.mark.slow
 def test_same_seed_same_thresholds_and_the_key_is_checkpointable():
   def run(seed):
     policy = clipx.private_quantile(0.5, count_noise=1.0, batch_size=8, key=seed)
@@ -356,6 +357,7 @@ def test_gradient_noise_multiplier_rejects_bad_arguments(args, error, name):
 # ------------------------------------------------------------ the DP-SGD example
 
 
+@pytest.mark.slow
 def test_example_adaptive_run_is_accounted_for_both_releases(capsys):
   pytest.importorskip("dp_accounting", reason="dp-accounting (the dp extra) gives epsilon")
   import dp_accounting

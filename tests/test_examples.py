@@ -104,6 +104,7 @@ def test_train_cnn_outputs(digits_run):
     assert not (out / "tensorboard").exists()
 
 
+@pytest.mark.slow
 def test_train_cnn_script_data_parallel_matches_one_device(digits_run, tmp_path):
   one, _ = digits_run
   env = dict(
@@ -189,6 +190,7 @@ def test_adaptive_policies_build(policy):
   assert 0 < float(summary["threshold"]) < 100.0
 
 
+@pytest.mark.slow
 def test_threshold_sweep_modes_agree(digits, tmp_path, monkeypatch):
   monkeypatch.setattr(threshold_sweep.data, "load_dataset", lambda *a: digits)
   summary = threshold_sweep.main(
@@ -207,6 +209,7 @@ def test_threshold_sweep_modes_agree(digits, tmp_path, monkeypatch):
   assert (tmp_path / "threshold_sweep.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_stability_runs_both_experiments(digits, tmp_path, monkeypatch):
   monkeypatch.setattr(stability.data, "load_dataset", lambda *a: digits)
   summary = stability.main(
@@ -235,6 +238,7 @@ def test_missing_dataset_file_is_a_clean_exit(tmp_path):
     threshold_sweep.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--quiet"])
 
 
+@pytest.mark.slow
 def test_same_seed_same_machine_is_bit_identical(digits_run, digits):
   """What the README promises: the same seed, machine and thread count repeat a run exactly."""
   one, _ = digits_run
@@ -245,6 +249,7 @@ def test_same_seed_same_machine_is_bit_identical(digits_run, digits):
   assert again["grad_norm"] == one["grad_norm"][:10]
 
 
+@pytest.mark.slow
 def test_quiet_still_prints_the_result(capsys, digits, monkeypatch):
   monkeypatch.setattr(train_cnn.data, "load_or_exit", lambda *a: digits)
   train_cnn.main([*DIGITS_ARGS, "--max-steps", "3", "--quiet"])

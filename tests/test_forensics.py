@@ -132,6 +132,7 @@ def test_nonfinite_device_under_shard_map():
   assert result.stdout.strip().endswith("ok")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "tree",
   [
@@ -158,6 +159,7 @@ def test_global_forensics_on_every_layout_of_small_leaves(tree):
   assert (many > norms.MAX_SMALL_SHAPES) == (len(tree) >= 40)  # both paths are exercised
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "tree",
   [

@@ -125,6 +125,7 @@ def _stacked_name(twin_key: str) -> str:
   return twin_key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", sorted(POSITIONS))
 @pytest.mark.parametrize("scope", sorted(SCOPES))
 def test_each_layout_equals_the_unstacked_twin(scope, where):
@@ -394,6 +395,7 @@ def _nnx_model(out_axes: int, *, marked_head: bool = True):
     return Model(nnx.Rngs(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out_axes", [0, 1])
 def test_metadata_of_an_nnx_vmap_model(out_axes):
   from flax import nnx

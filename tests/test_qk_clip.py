@@ -111,6 +111,7 @@ def test_rounding_against_scaling_the_new_weights_directly():
     np.testing.assert_array_equal(np.asarray(updates[name])[:, untouched], sgd[name][:, untouched])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_axis", [0, 1])
 def test_stacked_transformer_heads_land_on_tau(layer_axis):
   """examples/lm.py, blocks stacked at axis 0 or 1: one factor per layer and head."""

@@ -51,6 +51,7 @@ def runs(tmp_path_factory):
   return clipped, unclipped, out
 
 
+@pytest.mark.slow
 def test_clipping_cuts_the_loss(runs):
   clipped, unclipped, _ = runs
   losses = np.array(clipped["step_loss"])
@@ -165,6 +166,7 @@ def test_hidden_grad_norms_match_jacobian_product_lstm():
   np.testing.assert_allclose(norms, expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_run_seeds_rows():
   runs = train_rnn.run_seeds([3], ("none", "global"), seq_len=4, hidden_size=4, steps=5)
   assert [(r["clip"], r["seed"]) for r in runs["rows"]] == [("none", 3), ("global", 3)]

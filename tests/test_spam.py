@@ -225,6 +225,7 @@ def test_bad_arguments_fail_at_construction_naming_them(kwargs, name):
     clipx.spam(1e-3, weight_decay=-1.0)
 
 
+@pytest.mark.slow
 def test_inject_hyperparams_threshold_changes_without_retracing():
   stream, params = _stream(40, seed=5), _params()
   # The decays static: traced, 1 - b2 is formed in float32, 1.3e-5 off the double's.
@@ -254,6 +255,7 @@ def test_stats_report_and_orbax_round_trip(tmp_path):
   assert flat["clip/spam/clip_count"] > 0 and flat["clip/spam/threshold"] == 50.0
 
 
+@pytest.mark.slow
 def test_axis_name_makes_the_statistics_global():
   """Two shards of one kernel under vmap's named axis: the spike count and norms of the whole."""
   grads = [{"w": g["w"]} for g in _stream(25, seed=6)]

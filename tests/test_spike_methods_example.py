@@ -4,12 +4,14 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples import spike_methods  # noqa: E402
 
 
+@pytest.mark.slow
 def test_every_method_trains_on_the_rnn_task_and_counts_its_clips():
   results = spike_methods.main(["--task", "rnn", "--steps", "30", "--quiet"])
   assert set(results) == set(spike_methods.METHODS)
@@ -19,6 +21,7 @@ def test_every_method_trains_on_the_rnn_task_and_counts_its_clips():
   assert results["none"]["clip_rate"] == 0.0
 
 
+@pytest.mark.slow
 def test_gradient_methods_go_before_adam_and_update_methods_after():
   import optax
 

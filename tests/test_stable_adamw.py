@@ -159,6 +159,7 @@ def test_first_step_and_a_jump_against_numpy():
   assert report["clip/update_rms/clipped/a"] == 1.0 and report["clip/update_rms/clipped/b"] == 0.0
 
 
+@pytest.mark.slow
 def test_stacked_layers_get_their_own_factor():
   rng = np.random.default_rng(2)
   g1 = rng.standard_normal((3, 4, 2)).astype(np.float32)
@@ -181,6 +182,7 @@ def test_stacked_layers_get_their_own_factor():
   assert twin_scales[1] < 1 and twin_scales[0] == 1.0
 
 
+@pytest.mark.slow
 def test_axis_name_takes_the_mean_over_shards():
   rng = np.random.default_rng(3)
   g1, g2 = rng.standard_normal((2, 4, 6)).astype(np.float32)

@@ -90,7 +90,10 @@ def _layer_norm_pairs(group):
   )
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize(
+  "policy",
+  [p if p == "fixed" else pytest.param(p, marks=pytest.mark.slow) for p in sorted(POLICIES)],
+)
 @pytest.mark.parametrize("group", ["leaf", "module"])
 def test_layer_norm_of_a_stack_equals_its_unstacked_twin(policy, group):
   trees = [_stacked_tree(seed, scale=1.0 + seed) for seed in range(6)]
@@ -136,6 +139,7 @@ def test_stats_name_each_layer_of_a_stack():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("huge", [False, True])
 def test_agc_of_a_stack_equals_its_unstacked_twin(huge):
   grads = _stacked_tree(1, scale=3.0)
@@ -155,6 +159,7 @@ def test_agc_of_a_stack_equals_its_unstacked_twin(huge):
   np.testing.assert_allclose(float(a.clipped_norm), float(b.clipped_norm), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_agc_without_stacked_reads_a_stack_as_one_kernel():
   # The silent error stacked= fixes: (L, in, out) is read as a multi-head kernel.
   grads, params = _stacked_tree(1, scale=3.0), _stacked_tree(2)
@@ -165,6 +170,7 @@ def test_agc_without_stacked_reads_a_stack_as_one_kernel():
   )
 
 
+@pytest.mark.slow
 def test_nnx_vmap_and_linen_scan_trees():
   from flax import linen as nn
   from flax import nnx
@@ -222,6 +228,7 @@ def test_stacked_errors_name_the_path():
       clipx.clip_by_layer_norm(1.0, stacked=bad)
 
 
+@pytest.mark.slow
 def test_stacked_on_eight_devices_matches_one_device():
   code = textwrap.dedent(
     r"""
@@ -370,6 +377,7 @@ def test_integer_scalar_arrays_are_ints(stacked):
     np.testing.assert_allclose(out[name], g * scale, rtol=2e-6)
 
 
+@pytest.mark.slow
 def test_agc_takes_a_per_layer_scalar_as_clip_by_layer_norm_does():
   # A (L,) leaf (a layer scale) under stacked=1: one scalar per layer, each one unit,
   # exactly as its L unstacked scalar leaves.
@@ -396,6 +404,7 @@ def _injected_run(owner, jit, **inject):
   return update(grads, tx.init(params), params)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("owner", INJECTABLE)
 def test_inject_hyperparams_takes_stacked(owner):
   plain = {"adaptive_grad_clip": (0.1,), "clip_by_layer_norm": (1.0,)}.get(owner, ())

@@ -56,6 +56,7 @@ def test_float32_1e20_is_scaled_not_zeroed():
   np.testing.assert_allclose(np.asarray(out["a"]), 1 / np.sqrt(1000), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_dtype_and_matches_float32():
   grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _tree())
   out, _ = _update(clipx.clip_by_global_norm(1.0), grads)
@@ -146,6 +147,7 @@ def test_agc_matches_numpy_unitwise_formula():
   np.testing.assert_allclose(np.asarray(out["w"]), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_agc_matches_optax_on_more_leaves_than_one_concatenation():
   # Same-shape leaves are stacked for the unit norms; past norms.MAX_CONCAT in two levels.
   count = norms.MAX_CONCAT + 5
@@ -306,6 +308,7 @@ TRANSFORMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRANSFORMS)
 def test_inject_hyperparams_changes_threshold_without_retracing(name):
   chex.clear_trace_counter()  # the nested step is "the same function" across params
@@ -330,6 +333,7 @@ def test_inject_hyperparams_changes_threshold_without_retracing(name):
   assert not np.allclose(outputs[0]["big"], outputs[1]["big"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRANSFORMS)
 def test_chain_multisteps_and_masked(name):
   factory = TRANSFORMS[name]

@@ -354,6 +354,7 @@ def test_block_rms_module_groups_and_empty_leaf():
   assert out["e"].shape == (0, 3)
 
 
+@pytest.mark.slow
 def test_block_rms_schedule_and_policy():
   updates = {"w": jnp.full((4,), 2.0)}  # RMS 2
   tx = clip_by_block_rms(optax.linear_schedule(4.0, 1.0, 3))
