@@ -202,14 +202,16 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
 
   lrs = results["learning_rates"]
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for method, runs in results["grid"].items():
+  colors = plt.get_cmap("tab10").colors  # ten colours, then the same ones dashed
+  for index, (method, runs) in enumerate(results["grid"].items()):
     capped = {}  # lr -> per-seed min(final, initial): a diverged run counts as its initial loss
     for run in runs:
       final = run["validation_bits_per_byte"]
       initial = run["initial_bits_per_byte"]
       capped.setdefault(run["lr"], []).append(initial if final is None else min(final, initial))
     values = np.array([capped[lr] for lr in lrs])
-    (line,) = ax.plot(lrs, np.median(values, axis=1), marker="o", ms=3, label=method)
+    style = {"color": colors[index % 10], "ls": "-" if index // 10 % 2 == 0 else "--"}
+    (line,) = ax.plot(lrs, np.median(values, axis=1), marker="o", ms=3, label=method, **style)
     ax.fill_between(lrs, values.min(axis=1), values.max(axis=1), color=line.get_color(), alpha=0.15)
   ax.axhline(results["unigram_bits_per_byte"], color="gray", ls="--", lw=0.8, label="unigram")
   ax.set_xscale("log")
