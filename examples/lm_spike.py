@@ -36,7 +36,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lr", type=cli.positive_float, default=0.3)
   parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
-  parser.add_argument("--clips", default="global,adagc", help="methods beside --clip none")
+  parser.add_argument(
+    "--clips",
+    default="global,adagc,growth_limit,stable_adamw,spam,clippy,qk_clip",
+    help="train_lm --clip methods beside --clip none",
+  )
   parser.add_argument(
     "--span", type=cli.positive_int, default=60, help="steps drawn each side of the spike"
   )
@@ -51,7 +55,7 @@ def plot(runs: dict[str, dict[str, Any]], center: int, span: int, path: Path) ->
   import matplotlib.pyplot as plt
 
   lo = max(0, center - span)
-  fig, axes = plt.subplots(3, len(runs), figsize=(4 * len(runs), 7), sharex=True, sharey="row")
+  fig, axes = plt.subplots(3, len(runs), figsize=(3 * len(runs), 7), sharex=True, sharey="row")
   for column, (clip, results) in enumerate(runs.items()):
     hi = min(results["steps"], center + span)
     steps = np.arange(lo, hi)
