@@ -233,3 +233,23 @@ def test_spike_methods_quick_run_reports_every_case_and_its_malloc_settings(tmp_
   targets = {row.split("|")[1].strip(): row.split("|")[5].strip() for row in rows[1:]}
   assert all(float(row.split("|")[4]) >= 0 for row in rows[1:])  # page faults per step
   assert targets["adagc + adam"] == "<= 1.05x" and targets["adagc as a chain + adam"] == ""
+
+
+def test_compile_time_quick_run_puts_each_bar_beside_its_ratio(tmp_path):
+  out = tmp_path / "compile.md"
+  done = subprocess.run(
+    [sys.executable, str(BENCHMARKS / "compile_time.py"), "--leaves", "20", "--rounds", "1"]
+    + ["--out", str(out)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| ")]
+  by_name = {row[1].strip(): row for row in rows[1:]}
+  assert by_name["sgd-momentum alone"][6].strip() == "1.00x"
+  total = sum(float(by_name["clipx.clip_by_global_norm + sgd"][i]) for i in (2, 3, 4))
+  assert abs(total - float(by_name["clipx.clip_by_global_norm + sgd"][5])) < 0.02
+  assert by_name["clipx.clip_by_global_norm + sgd"][7].strip() == "<= 1.6x"
+  assert by_name["clipx.adaptive_grad_clip + sgd"][7].strip() == "<= 2.5x"
+  assert by_name["clipx.adaptive_grad_clip + sgd"][8].strip() in ("yes", "no")
