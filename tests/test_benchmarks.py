@@ -174,6 +174,7 @@ def test_one_thread_pins_xla_to_one_core():
   assert seen["sum"] == 8.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_torch(), reason='torch not installed (pip install -e ".[bench]")')
 @pytest.mark.parametrize("setting", ["1", "all"])
 def test_torch_gets_the_same_setting_as_xla(setting):
@@ -235,6 +236,7 @@ def test_spike_methods_quick_run_reports_every_case_and_its_malloc_settings(tmp_
   assert targets["adagc + adam"] == "<= 1.05x" and targets["adagc as a chain + adam"] == ""
 
 
+@pytest.mark.slow
 def test_compile_time_quick_run_puts_each_bar_beside_its_ratio(tmp_path):
   out = tmp_path / "compile.md"
   done = subprocess.run(

@@ -101,6 +101,7 @@ def _empty_tree():
   return {"e": jnp.zeros((0,)), "k": jnp.zeros((0, 4)), "w": jnp.asarray([3.0, 4.0])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "make",
   [

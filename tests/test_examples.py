@@ -63,6 +63,7 @@ def digits_run(tmp_path_factory):
   return results, out
 
 
+@pytest.mark.slow
 def test_clipping_reduces_loss_on_digits(digits_run):
   results, _ = digits_run
   losses = np.array(results["step_loss"])

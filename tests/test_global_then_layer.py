@@ -41,6 +41,7 @@ def _blocks_stacked(path, leaf) -> int:
   return 1 if jax.tree_util.keystr(path) == "['blocks']" else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [None, _blocks_stacked])
 def test_equals_the_chain_with_adaptive_policies(stacked):
   """zclip globally and ema_ratio per layer (separate EMAs per stacked layer) over 25 steps."""

@@ -154,6 +154,7 @@ def test_each_layout_equals_the_unstacked_twin(scope, where):
   assert any(v > 0 for k, v in logged[-1].items() if "/clip_count" in k), scope
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["second", "last"])
 def test_stats_of_every_layout_are_the_leading_layouts(where):
   for scope in ("layer_norm_zclip", "adagc", "stable_spam"):
@@ -439,6 +440,7 @@ def test_metadata_of_an_nnx_vmap_model(out_axes):
   assert f"clip/layer/norm/blocks/dense/kernel[{LAYERS - 1}]" in names
 
 
+@pytest.mark.slow
 def test_metadata_of_a_linen_scan_model():
   from flax import linen as nn
 

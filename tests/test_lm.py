@@ -193,7 +193,7 @@ def test_both_layer_layouts_train_alike():
   np.testing.assert_allclose(first["grad_norm"], second["grad_norm"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("layer_axis", [0, 1])
+@pytest.mark.parametrize("layer_axis", [pytest.param(0, marks=pytest.mark.slow), 1])
 def test_qk_clip_in_the_lm_scales_each_layers_query_and_key_heads(layer_axis):
   # lr 0: AdamW moves nothing, so the step is QK-Clip's alone: head h of layer l has its
   # query and key columns multiplied by sqrt(min(1, tau / S[l, h])), its values untouched.

@@ -42,6 +42,7 @@ def temp_bytes(tx: optax.GradientTransformation, tree) -> int:
   return int(analysis.temp_size_in_bytes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("clip", sorted(CLIPS))
 def test_clipping_adds_no_temporary_of_gradient_size(clip, dtype):

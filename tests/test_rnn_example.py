@@ -64,6 +64,7 @@ def test_clipping_cuts_the_loss(runs):
   assert unclipped["grad_norm"][0] == pytest.approx(clipped["grad_norm"][0], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_metrics_files(runs):
   clipped, _, out = runs
   metrics = json.loads((out / "metrics.json").read_text())

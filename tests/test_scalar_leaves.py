@@ -78,7 +78,7 @@ def test_every_public_transform_has_a_case():
 
 
 @pytest.mark.parametrize("name", _public_transforms())
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_python_scalar_leaves_act_as_zero_dim_arrays(name, jit):
   runs = []
   for as_leaf in (float, lambda v: jnp.asarray(v, jnp.float32)):

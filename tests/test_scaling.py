@@ -96,6 +96,7 @@ def _layers(count):
   return [{"w": np.ones((16, 16), np.float32), "b": np.ones(16, np.float32)} for _ in range(count)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "clip",
   [clipx.clip_by_global_norm(1.0), clipx.clip_by_layer_norm(1.0), clipx.adaptive_grad_clip(0.01)],
