@@ -190,7 +190,14 @@ def test_has_aux_stacks_aux_per_example():
 
 
 # 3 and 4 do not divide 10.
-@pytest.mark.parametrize(("group", "chunk_size"), [(None, 1), (None, 3), ("module", 4)])
+@pytest.mark.parametrize(
+  ("group", "chunk_size"),
+  [
+    pytest.param(None, 1, marks=pytest.mark.slow),
+    (None, 3),
+    pytest.param("module", 4, marks=pytest.mark.slow),
+  ],
+)
 def test_chunked_equals_unchunked(group, chunk_size):
   params, batch = _params(), _batch(10)
   whole_fn = clipx.clipped_grad(_loss, 1.0, group=group)

@@ -116,7 +116,10 @@ def test_nonfinite_gradients_are_not_hidden():
 # ------------------------------------------------------ agreement with optax
 
 
-@pytest.mark.parametrize("max_norm", [0.1, 1.0, 100.0])
+@pytest.mark.parametrize(
+  "max_norm",
+  [0.1, pytest.param(1.0, marks=pytest.mark.slow), pytest.param(100.0, marks=pytest.mark.slow)],
+)
 def test_global_matches_optax(max_norm):
   grads = _tree(1)
   out, _ = _update(clipx.clip_by_global_norm(max_norm), grads)
@@ -124,7 +127,10 @@ def test_global_matches_optax(max_norm):
   chex.assert_trees_all_close(out, ref, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("clipping", [0.001, 0.01, 1.0])
+@pytest.mark.parametrize(
+  "clipping",
+  [pytest.param(0.001, marks=pytest.mark.slow), 0.01, pytest.param(1.0, marks=pytest.mark.slow)],
+)
 def test_agc_matches_optax(clipping):
   params, grads = _tree(2), _tree(3, scale=0.05)
   params["conv"]["bias"] = jnp.zeros(8)  # exercises eps
