@@ -142,6 +142,32 @@ def stack_bucket(leaves: Sequence[jax.Array], bucket: Sequence[int]) -> jax.Arra
   return lax.reshape(concatenate([leaves[i] for i in bucket]), shape)
 
 
+def stack_leaves(leaves: Sequence[jax.Array]) -> tuple[list[jax.Array], list[int]]:
+  """The leaves as stacks (see :func:`stack_bucket`), and the leaf index of each row in order.
+
+  Each large leaf is a stack of one; small leaves of one shape are one stack.
+  """
+  buckets = _buckets(leaves)
+  return [stack_bucket(leaves, bucket) for bucket in buckets], [i for b in buckets for i in b]
+
+
+def reduce_stacks(
+  stacks: Sequence[jax.Array],
+  order: Sequence[int],
+  row_fn: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+  """``row_fn`` (array of shape (k, ...) -> (k, ...)) on every stack, rows put back in leaf order.
+
+  ``order`` lists the leaf of each row (:func:`stack_leaves`); the result has
+  one row per leaf, leaf ``i`` at ``sorted(order).index(i)``.
+  """
+  parts = [row_fn(stack) for stack in stacks]
+  values = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+  if list(order) == sorted(order):
+    return values
+  return values[np.argsort(np.asarray(order))]
+
+
 def per_leaf_reduce(
   leaves: Sequence[jax.Array],
   row_fn: Callable[[jax.Array], jax.Array],
@@ -153,14 +179,7 @@ def per_leaf_reduce(
   """
   if not leaves:
     return jnp.zeros((0,), jnp.float32)
-  parts, order = [], []
-  for bucket in _buckets(leaves):
-    parts.append(row_fn(stack_bucket(leaves, bucket)))
-    order.extend(bucket)
-  values = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-  if order == list(range(len(leaves))):
-    return values
-  return values[np.argsort(np.asarray(order))]
+  return reduce_stacks(*stack_leaves(leaves), row_fn)
 
 
 def _row_axes(x: jax.Array) -> tuple[int, ...]:
@@ -243,14 +262,17 @@ def max_and_scaled_norm(
   return d, jnp.where(jnp.isinf(m), jnp.inf, root)
 
 
+def _scaled_rows(x: jax.Array, dtype) -> jax.Array:
+  """Per row of a stack, ``(d, r)`` (see :func:`max_and_scaled_norm`): shape ``(k, 2)``."""
+  m, root = max_and_scaled_norm(x, _row_axes(x), dtype)
+  return jnp.stack([m.reshape(-1), root.reshape(-1)], axis=1)
+
+
 def _scaled_leaf_norms(leaves: Sequence[jax.Array], dtype) -> tuple[jax.Array, jax.Array]:
   """Per-leaf (divisor d, sqrt of sum of (x / d)^2): norm = d * that (see max_and_scaled_norm)."""
-
-  def rows(x):
-    m, root = max_and_scaled_norm(x, _row_axes(x), dtype)
-    return jnp.stack([m.reshape(-1), root.reshape(-1)], axis=1)
-
-  both = per_leaf_reduce(leaves, rows) if leaves else jnp.zeros((0, 2), dtype)
+  if not leaves:
+    return jnp.zeros((0,), dtype), jnp.zeros((0,), dtype)
+  both = per_leaf_reduce(leaves, lambda x: _scaled_rows(x, dtype))
   return both[:, 0], both[:, 1]
 
 
@@ -420,6 +442,18 @@ def largest_share(terms: jax.Array) -> tuple[jax.Array, jax.Array]:
   return index.astype(jnp.int32), share.astype(terms.dtype)
 
 
+def _finite_largest_share(terms: jax.Array, total: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """:func:`largest_share` where every term and their sum ``total`` are known finite.
+
+  One ``argmax`` and the total the norm already has, instead of the three
+  reductions that the NaN/Inf rules need (compile time on large trees).
+  """
+  index = jnp.argmax(terms).astype(jnp.int32)
+  positive = total > 0
+  share = jnp.where(positive, terms[index] / jnp.where(positive, total, 1), 0)
+  return index, jnp.minimum(share, 1).astype(terms.dtype)
+
+
 def global_norm_attributed(
   leaves: Sequence[jax.Array], *, axis_name=None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -441,6 +475,13 @@ def global_norm_attributed(
     zero = jnp.zeros((), dtype)
     return jnp.ones((), dtype), zero, jnp.int32(-1), zero
   large, small, owners = _merged_layout(leaves) if jax.device_count() == 1 else ([], [], None)
+  sq_rows = lambda x: sum_sq(x, _row_axes(x), dtype)  # noqa: E731
+  # The overflow branch gets the small leaves as the stacks the common path has
+  # made anyway, not as leaves: handed the leaves, it stacked them again inside
+  # the cond (XLA shares nothing across its boundary), and those concatenations,
+  # XLA CPU kernels that are slow to compile, were half the compile time of a
+  # 1000-leaf clip's norm (benchmarks/README.md).
+  large_leaves, stacks, order = list(leaves), [], []
   if owners is not None and owners.size:
     # The total as group_norms_split sums it (merged small leaves): the same norm, bit
     # for bit, as clip_tree and the scopes without forensics.
@@ -448,11 +489,14 @@ def global_norm_attributed(
     sums = leaf_sq_norms(merged)
     total = jnp.sum(sums)
     small_ids = np.asarray(small, np.int32)  # not np.unique(owners): that skips empty leaves
-    small_shapes = {(leaves[i].shape, leaves[i].dtype) for i in small_ids}
+    small_leaves = [leaves[i] for i in small_ids]
+    small_shapes = {(x.shape, x.dtype) for x in small_leaves}
     if len(small_shapes) <= MAX_SMALL_SHAPES:
       # One reduction per shape of small leaf (a ResNet-50 has 10): 0.14 ms a step
       # there on XLA CPU, against 0.7 ms for the segment sum (a scatter) below.
-      small_sums = leaf_sq_norms([leaves[i] for i in small_ids])
+      stacks, rows = stack_leaves(small_leaves)
+      small_sums = reduce_stacks(stacks, rows, sq_rows)
+      large_leaves, order = [leaves[i] for i in large], [int(small_ids[i]) for i in rows]
     else:  # many shapes: a reduction each would cost compile time
       local = np.searchsorted(small_ids, owners).astype(np.int32)
       # One shape group stays (k, ...) unflattened (see _merge_small_leaves): flatten here.
@@ -466,22 +510,41 @@ def global_norm_attributed(
   if axis_name is not None:
     per_leaf = lax.psum(per_leaf, axis_name)
     total = jnp.sum(per_leaf)
+  # Where each (d, r) of the overflow branch goes: large (or all) leaves, then the stacks' rows.
+  in_stacks = set(order)
+  unstacked = [i for i in range(count) if i not in in_stacks]
+  placement = np.argsort(np.asarray(unstacked + order, np.int64))
 
   def common(_):
-    return (jnp.ones((), dtype), safe_sqrt(total), *largest_share(per_leaf))
+    return (jnp.ones((), dtype), safe_sqrt(total), *_finite_largest_share(per_leaf, total))
 
-  def fallback(leaves):
-    d, r = _scaled_leaf_norms(leaves, dtype)
-    group_d = jnp.max(d)
+  def fallback(operands):
+    # One divisor for the whole tree, from the largest finite magnitude: every
+    # leaf's term (x / d)**2 summed is then finite on finite input, Inf and NaN
+    # leaves stay non-finite, and the shares are those of the plain squares. One
+    # reduction per array fewer than a divisor per leaf (compile time).
+    loose, stacked = operands
+    arrays = [lax.expand_dims(x, (0,)) for x in loose] + list(stacked)
+    # Each leaf's peak (a plain max, which XLA fuses into the read; a select in it
+    # made XLA materialize a copy of the leaf), then the largest finite one.
+    peaks = jnp.concatenate(
+      [
+        jnp.max(jnp.abs(widen(x, dtype, reader=1)).astype(dtype), axis=_row_axes(x), initial=0.0)
+        for x in arrays  # two readers of each array: see widen
+      ]
+    )
+    peak = jnp.max(jnp.where(jnp.isfinite(peaks), peaks, 0), initial=0.0)
     if axis_name is not None:
-      group_d = lax.pmax(group_d, axis_name)
-    terms = jnp.square(d / group_d * r)
+      peak = lax.pmax(peak, axis_name)
+    d = safe_divisor(peak)
+    parts = [sum_sq(widen(x, dtype, reader=2) / d, _row_axes(x), dtype) for x in arrays]
+    terms = jnp.concatenate(parts)[placement] if len(parts) > 1 else parts[0][placement]
     if axis_name is not None:
       terms = lax.psum(terms, axis_name)
-    return (group_d, safe_sqrt(jnp.sum(terms)), *largest_share(terms))
+    return (d, safe_sqrt(jnp.sum(terms)), *largest_share(terms))
 
   finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(per_leaf))
-  return lax.cond(finite, common, fallback, list(leaves))
+  return lax.cond(finite, common, fallback, (large_leaves, stacks))
 
 
 def layer_norms_split(
