@@ -402,22 +402,34 @@ def group_norms_split(
   if num_segments == 1 and jax.device_count() == 1:
     leaves = _merge_small_leaves(leaves, dtype)
     segment_ids = np.zeros(len(leaves), np.int32)
+  # The overflow branch gets the stacks the common path reduces, not the leaves to
+  # stack again inside the cond (see global_norm_attributed: compile time).
+  stacks, order = stack_leaves(leaves) if leaves else ([], [])
+  per_leaf = (
+    reduce_stacks(stacks, order, lambda x: sum_sq(x, _row_axes(x), dtype))
+    if leaves
+    else jnp.zeros((0,), dtype)
+  )
   if num_segments == 1:  # a plain sum: a scatter-add costs compile time for nothing
-    sq = jnp.sum(leaf_sq_norms(leaves), keepdims=True)
+    sq = jnp.sum(per_leaf, keepdims=True)
   else:
-    sq = jax.ops.segment_sum(leaf_sq_norms(leaves), segment_ids, num_segments)
+    sq = jax.ops.segment_sum(per_leaf, segment_ids, num_segments)
   if axis_name is not None:
     sq = lax.psum(sq, axis_name)
 
   def common(_):
     return jnp.ones_like(sq), safe_sqrt(sq)
 
-  def fallback(leaves):
-    d, r = _scaled_leaf_norms(leaves, dtype)
+  def fallback(stacks):
+    if stacks:
+      both = reduce_stacks(stacks, order, lambda x: _scaled_rows(x, dtype))
+      d, r = both[:, 0], both[:, 1]
+    else:
+      d, r = jnp.zeros((0,), dtype), jnp.zeros((0,), dtype)
     return combine_norms(d, r, segment_ids, num_segments, axis_name=axis_name)
 
   # One cond for the whole tree: a cond per leaf compiles tens of times slower.
-  return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, list(leaves))
+  return lax.cond(jnp.all(jnp.isfinite(sq)), common, fallback, stacks)
 
 
 def largest_share(terms: jax.Array) -> tuple[jax.Array, jax.Array]:
