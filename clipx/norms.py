@@ -454,6 +454,19 @@ def largest_share(terms: jax.Array) -> tuple[jax.Array, jax.Array]:
   return index.astype(jnp.int32), share.astype(terms.dtype)
 
 
+def overflow_divisor(dtype) -> jax.Array:
+  """A power of two to divide by where a sum of squares overflowed: ``2**(maxexp / 2 + 26)``.
+
+  For float32, 2**90. Every finite element divided by it squares to at most
+  ``2**(maxexp - 52)``, so the squares of 2**52 elements sum without overflow.
+  Only a norm beyond ``sqrt(float max)`` overflows, and against it the elements
+  whose scaled squares underflow (below 2**26 here, 6.7e7) weigh less than
+  ``n * 2**-74`` of the squared norm for ``n`` elements: nothing in float32.
+  """
+  info = jnp.finfo(dtype)
+  return jnp.asarray(2.0 ** (info.maxexp // 2 + 26), dtype)
+
+
 def _finite_largest_share(terms: jax.Array, total: jax.Array) -> tuple[jax.Array, jax.Array]:
   """:func:`largest_share` where every term and their sum ``total`` are known finite.
 
@@ -531,26 +544,15 @@ def global_norm_attributed(
     return (jnp.ones((), dtype), safe_sqrt(total), *_finite_largest_share(per_leaf, total))
 
   def fallback(operands):
-    # One divisor for the whole tree, from the largest finite magnitude: every
-    # leaf's term (x / d)**2 summed is then finite on finite input, Inf and NaN
-    # leaves stay non-finite, and the shares are those of the plain squares. One
-    # reduction per array fewer than a divisor per leaf (compile time).
+    # Taken only where a sum of squares is not finite: NaN/Inf input, or a finite
+    # norm beyond sqrt(float max) (1.8e19 in float32). One fixed power-of-two
+    # divisor then serves every leaf (see overflow_divisor): one reduction per
+    # array, no peaks to find first (compile time), and no pmax across shards.
     loose, stacked = operands
     arrays = [lax.expand_dims(x, (0,)) for x in loose] + list(stacked)
-    # Each leaf's peak (a plain max, which XLA fuses into the read; a select in it
-    # made XLA materialize a copy of the leaf), then the largest finite one.
-    peaks = jnp.concatenate(
-      [
-        jnp.max(jnp.abs(widen(x, dtype, reader=1)).astype(dtype), axis=_row_axes(x), initial=0.0)
-        for x in arrays  # two readers of each array: see widen
-      ]
-    )
-    peak = jnp.max(jnp.where(jnp.isfinite(peaks), peaks, 0), initial=0.0)
-    if axis_name is not None:
-      peak = lax.pmax(peak, axis_name)
-    d = safe_divisor(peak)
-    parts = [sum_sq(widen(x, dtype, reader=2) / d, _row_axes(x), dtype) for x in arrays]
-    terms = jnp.concatenate(parts)[placement] if len(parts) > 1 else parts[0][placement]
+    d = overflow_divisor(dtype)
+    parts = [sum_sq(widen(x, dtype, reader=1) / d, _row_axes(x), dtype) for x in arrays]
+    terms = (jnp.concatenate(parts) if len(parts) > 1 else parts[0])[placement]
     if axis_name is not None:
       terms = lax.psum(terms, axis_name)
     return (d, safe_sqrt(jnp.sum(terms)), *largest_share(terms))
