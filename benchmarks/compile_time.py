@@ -12,6 +12,7 @@ on, as they always do. The bars (issue 26): a global clip at most 1.6x SGD,
 AGC at most 2.5x.
 
     python benchmarks/compile_time.py      # writes runs/benchmarks/compile_time.md
+    git worktree add /tmp/old 0690fce && python benchmarks/compile_time.py --clipx-from /tmp/old
 """
 
 from __future__ import annotations
@@ -35,7 +36,18 @@ def main(argv=None) -> str:
   parser.add_argument("--leaves", type=int, default=1000)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--out", default="runs/benchmarks/compile_time.md")
+  parser.add_argument(
+    "--clipx-from",
+    default=None,
+    help="a checkout (e.g. a git worktree of an older commit) to import clipx from,"
+    " to measure that commit on today's jax and XLA",
+  )
   args = parser.parse_args(argv)
+  if args.clipx_from is not None:
+    source = pathlib.Path(args.clipx_from).resolve()
+    if not (source / "clipx" / "__init__.py").is_file():
+      parser.error(f"--clipx-from {args.clipx_from}: no clipx/__init__.py there")
+    sys.path.insert(0, str(source))
   setting = threads.parse(args.threads)
   threads.pin(setting)
 
@@ -90,7 +102,8 @@ def main(argv=None) -> str:
   lines = [
     f"`python benchmarks/compile_time.py --threads {args.threads} --leaves {args.leaves}"
     f" --rounds {args.rounds}`: {args.leaves} leaves, jax {jax.__version__}, optax"
-    f" {optax.__version__}, {jax.devices()[0].platform}, threads={setting}. Median seconds"
+    f" {optax.__version__}, {jax.devices()[0].platform}, threads={setting}, clipx from"
+    f" {pathlib.Path(clipx.__file__).parent.parent}. Median seconds"
     " (trace / lower / XLA compile); ratio = median of the per-round ratios to SGD's total.",
     "",
     "| step | trace s | lower s | compile s | total s | / sgd | bar | within |",

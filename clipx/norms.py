@@ -506,7 +506,8 @@ def global_norm_attributed(
   # the cond (XLA shares nothing across its boundary), and those concatenations,
   # XLA CPU kernels that are slow to compile, were half the compile time of a
   # 1000-leaf clip's norm (benchmarks/README.md).
-  large_leaves, stacks, order = list(leaves), [], []
+  large_leaves, order = list(leaves), []
+  stacks: list[jax.Array] = []
   if owners is not None and owners.size:
     # The total as group_norms_split sums it (merged small leaves): the same norm, bit
     # for bit, as clip_tree and the scopes without forensics.

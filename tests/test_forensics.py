@@ -261,3 +261,20 @@ def test_share_of_a_nonfinite_leaf_is_never_nan(scope, bad):
     index, share = _nonfinite_expected(values)
     assert int(stats.source) == index
     assert float(stats.share) == pytest.approx(share, rel=1e-6)
+
+
+def test_overflow_path_norm_and_shares_match_float64():
+  """A norm beyond sqrt(float32 max) takes the overflow branch: one fixed divisor
+  (norms.overflow_divisor) for stacked small leaves and a large leaf; the norm, the
+  source and its share against numpy in float64."""
+  rng = np.random.default_rng(0)
+  tree = {f"small{i:02d}": rng.normal(size=(4, 4)).astype(np.float32) for i in range(40)}
+  tree["small07"] = tree["small07"] * np.float32(3e19)
+  tree["large"] = (rng.normal(size=(200, 100)) * 1e18).astype(np.float32)
+  leaves = jax.tree_util.tree_leaves(tree)
+  squares = np.array([np.sum(np.square(x.astype(np.float64))) for x in leaves])
+  assert squares.sum() > np.finfo(np.float32).max  # the common path's sum overflows
+  _, stats = clipx.clip_tree(jax.tree.map(jnp.asarray, tree), 1.0)
+  np.testing.assert_allclose(float(stats.norm), np.sqrt(squares.sum()), rtol=1e-6)
+  assert int(stats.source) == int(np.argmax(squares))
+  np.testing.assert_allclose(float(stats.share), squares.max() / squares.sum(), rtol=1e-5)
