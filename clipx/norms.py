@@ -454,6 +454,11 @@ def largest_share(terms: jax.Array) -> tuple[jax.Array, jax.Array]:
   return index.astype(jnp.int32), share.astype(terms.dtype)
 
 
+def _scaled_sq_rows(x: jax.Array, factor: jax.Array, dtype) -> jax.Array:
+  """Per row of a stack, the sum of squares of ``x * factor``, ``factor`` a run-time scalar."""
+  return sum_sq(widen(x, dtype) * factor, _row_axes(x), dtype)
+
+
 def overflow_divisor(dtype) -> jax.Array:
   """A power of two to divide by where a sum of squares overflowed: ``2**(maxexp / 2 + 26)``.
 
@@ -500,13 +505,18 @@ def global_norm_attributed(
     zero = jnp.zeros((), dtype)
     return jnp.ones((), dtype), zero, jnp.int32(-1), zero
   large, small, owners = _merged_layout(leaves) if jax.device_count() == 1 else ([], [], None)
-  sq_rows = lambda x: sum_sq(x, _row_axes(x), dtype)  # noqa: E731
   # The overflow branch gets the small leaves as the stacks the common path has
   # made anyway, not as leaves: handed the leaves, it stacked them again inside
   # the cond (XLA shares nothing across its boundary), and those concatenations,
   # XLA CPU kernels that are slow to compile, were half the compile time of a
   # 1000-leaf clip's norm (benchmarks/README.md).
   large_leaves, order = list(leaves), []
+  # The overflow branch scales by 1 / overflow_divisor as a run-time value (behind a
+  # barrier): with a constant, XLA rewrote sum((x / d)**2) as sum(x**2) / d**2, and
+  # d**2 = 2**180 is inf in float32 (NaN norms). The stacks' common-path sums are
+  # scaled by a run-time 1 the same way (exact), so that the two branches' reductions
+  # are the same kernels.
+  unit, inverse = lax.optimization_barrier((jnp.ones((), dtype), 1 / overflow_divisor(dtype)))
   stacks: list[jax.Array] = []
   if owners is not None and owners.size:
     # The total as group_norms_split sums it (merged small leaves): the same norm, bit
@@ -521,7 +531,7 @@ def global_norm_attributed(
       # One reduction per shape of small leaf (a ResNet-50 has 10): 0.14 ms a step
       # there on XLA CPU, against 0.7 ms for the segment sum (a scatter) below.
       stacks, rows = stack_leaves(small_leaves)
-      small_sums = reduce_stacks(stacks, rows, sq_rows)
+      small_sums = reduce_stacks(stacks, rows, lambda x: _scaled_sq_rows(x, unit, dtype))
       large_leaves, order = [leaves[i] for i in large], [int(small_ids[i]) for i in rows]
     else:  # many shapes: a reduction each would cost compile time
       local = np.searchsorted(small_ids, owners).astype(np.int32)
@@ -549,17 +559,18 @@ def global_norm_attributed(
     # norm beyond sqrt(float max) (1.8e19 in float32). One fixed power-of-two
     # divisor then serves every leaf (see overflow_divisor): one reduction per
     # array, no peaks to find first (compile time), and no pmax across shards.
-    loose, stacked = operands
-    arrays = [lax.expand_dims(x, (0,)) for x in loose] + list(stacked)
+    # Its reciprocal comes in as a run-time value (see above).
+    loose, stacked, inverse = operands
     d = overflow_divisor(dtype)
-    parts = [sum_sq(widen(x, dtype, reader=1) / d, _row_axes(x), dtype) for x in arrays]
+    parts = [sum_sq(widen(x, dtype, reader=1) * inverse, None, dtype)[None] for x in loose]
+    parts += [_scaled_sq_rows(x, inverse, dtype) for x in stacked]
     terms = (jnp.concatenate(parts) if len(parts) > 1 else parts[0])[placement]
     if axis_name is not None:
       terms = lax.psum(terms, axis_name)
     return (d, safe_sqrt(jnp.sum(terms)), *largest_share(terms))
 
   finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(per_leaf))
-  return lax.cond(finite, common, fallback, (large_leaves, stacks))
+  return lax.cond(finite, common, fallback, (large_leaves, stacks, inverse))
 
 
 def layer_norms_split(
