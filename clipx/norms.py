@@ -562,7 +562,9 @@ def global_norm_attributed(
     # Its reciprocal comes in as a run-time value (see above).
     loose, stacked, inverse = operands
     d = overflow_divisor(dtype)
-    parts = [sum_sq(widen(x, dtype, reader=1) * inverse, tuple(range(x.ndim)), dtype)[None] for x in loose]
+    parts = [
+      sum_sq(widen(x, dtype, reader=1) * inverse, tuple(range(x.ndim)), dtype)[None] for x in loose
+    ]
     parts += [_scaled_sq_rows(x, inverse, dtype) for x in stacked]
     terms = (jnp.concatenate(parts) if len(parts) > 1 else parts[0])[placement]
     if axis_name is not None:
