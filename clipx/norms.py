@@ -562,10 +562,12 @@ def global_norm_attributed(
     # Its reciprocal comes in as a run-time value (see above).
     loose, stacked, inverse = operands
     d = overflow_divisor(dtype)
-    parts = [
-      sum_sq(widen(x, dtype, reader=1) * inverse, tuple(range(x.ndim)), dtype)[None] for x in loose
-    ]
-    parts += [_scaled_sq_rows(x, inverse, dtype) for x in stacked]
+    scaled = lambda x: _scaled_sq_rows(x, inverse, dtype)  # noqa: E731
+    # Leaves that came unstacked (large ones; all of them on several devices or with
+    # many small shapes) are stacked here as the common path would (a reshape each
+    # for a large leaf), not reduced one by one into a concatenation of scalars.
+    parts = [reduce_stacks(*stack_leaves(loose), scaled)] if loose else []
+    parts += [scaled(x) for x in stacked]
     terms = (jnp.concatenate(parts) if len(parts) > 1 else parts[0])[placement]
     if axis_name is not None:
       terms = lax.psum(terms, axis_name)

@@ -278,3 +278,19 @@ def test_overflow_path_norm_and_shares_match_float64():
   np.testing.assert_allclose(float(stats.norm), np.sqrt(squares.sum()), rtol=1e-6)
   assert int(stats.source) == int(np.argmax(squares))
   np.testing.assert_allclose(float(stats.share), squares.max() / squares.sum(), rtol=1e-5)
+
+
+def test_overflow_path_with_many_small_shapes_matches_float64():
+  """More small shapes than MAX_SMALL_SHAPES: the overflow branch stacks the leaves itself."""
+  rng = np.random.default_rng(1)
+  count = clipx.norms.MAX_SMALL_SHAPES + 8
+  tree = {f"small{i:02d}": rng.normal(size=(i + 1,)).astype(np.float32) for i in range(count)}
+  tree["small05"] = tree["small05"] * np.float32(2e19)
+  tree["small30"] = tree["small30"] * np.float32(1e19)
+  leaves = jax.tree_util.tree_leaves(tree)
+  squares = np.array([np.sum(np.square(x.astype(np.float64))) for x in leaves])
+  assert squares.sum() > np.finfo(np.float32).max
+  _, stats = jax.jit(clipx.clip_tree, static_argnums=1)(jax.tree.map(jnp.asarray, tree), 1.0)
+  np.testing.assert_allclose(float(stats.norm), np.sqrt(squares.sum()), rtol=1e-6)
+  assert int(stats.source) == int(np.argmax(squares))
+  np.testing.assert_allclose(float(stats.share), squares.max() / squares.sum(), rtol=1e-5)
